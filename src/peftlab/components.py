@@ -1,0 +1,138 @@
+"""Which part of the network each parameter belongs to, read from the module structure.
+
+Names alone mislead (GPT-Neo's `wte`/`wpe` are embeddings, GPT-2's `c_attn` holds q, k and v
+at once), so each architecture declares where its blocks, attention and MLP live; within that
+frame a module's *type* decides embeddings and norms.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .errors import UserError, close_matches
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # path of the nn.ModuleList of decoder blocks
+    attn: str  # attention module, relative to a block
+    mlp: str  # MLP module, relative to a block
+    proj: dict = field(default_factory=dict)  # projection module name -> 'q' | 'k' | 'v' | 'o' | 'qkv'
+    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
+
+
+_LLAMA = Arch("model.layers", "self_attn", "mlp", {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"})
+ARCHS = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "gemma2": _LLAMA,
+    "gpt_neo": Arch("transformer.h", "attn.attention", "mlp",
+                    {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}),
+    "gpt2": Arch("transformer.h", "attn", "mlp", {"c_attn": "qkv", "c_proj": "o"}, conv1d=True),
+}
+
+# Components a user can name in `freeze:train=...`; `attention` is q+k+v+o.
+COMPONENTS = ("embed", "q", "k", "v", "o", "attention", "mlp", "norm", "lm_head", "bias")
+
+
+def arch_of(model) -> Arch:
+    mtype = getattr(model.config, "model_type", "?")
+    if mtype not in ARCHS:
+        raise UserError(f"architecture '{mtype}' is not supported; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS[mtype]
+
+
+def blocks(model) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model).layers)
+
+
+def num_layers(model) -> int:
+    return len(blocks(model))
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where one parameter sits: component, block index (None outside blocks), is it a bias."""
+
+    component: str  # embed | attn.q | attn.k | attn.v | attn.o | attn.qkv | mlp | norm | lm_head | added | other
+    layer: int | None
+    bias: bool
+
+
+def _is_norm(module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def classify_module(model, name: str, module) -> tuple[str, int | None]:
+    """Component and layer of module `name` (a path from model.named_modules())."""
+    arch = arch_of(model)
+    if getattr(module, "_peftlab_added", False):
+        component = "added"
+    elif isinstance(module, nn.Embedding):
+        component = "embed"
+    elif module is model.get_output_embeddings():
+        component = "lm_head"
+    elif _is_norm(module):
+        component = "norm"
+    else:
+        component = "other"
+    m = re.match(re.escape(arch.layers) + r"\.(\d+)(?:\.(.*))?$", name)
+    if not m:
+        return component, None
+    layer, rel = int(m.group(1)), m.group(2) or ""
+    if component == "other":
+        if rel == arch.mlp or rel.startswith(arch.mlp + "."):
+            component = "mlp"
+        elif rel.startswith(arch.attn + "."):
+            proj = rel[len(arch.attn) + 1 :].split(".")[0]
+            component = "attn." + arch.proj[proj] if proj in arch.proj else "other"
+    return component, layer
+
+
+def where(model) -> dict[str, Where]:
+    """Map every (de-duplicated) parameter name to its Where."""
+    modules = dict(model.named_modules())
+    out = {}
+    for pname, _ in model.named_parameters():
+        owner, _, leaf = pname.rpartition(".")
+        component, layer = classify_module(model, owner, modules[owner])
+        if component == "other":  # a wrapped base layer: classify by its wrapper's path
+            parent = owner.rpartition(".")[0]
+            if parent in modules and getattr(modules[parent], "_peftlab_added", False):
+                component, layer = classify_module(model, parent, nn.Identity())
+        out[pname] = Where(component, layer, leaf == "bias")
+    return out
+
+
+def matches(w: Where, wanted: str) -> bool:
+    """Does a parameter at `w` belong to the user-facing component `wanted`?"""
+    c = w.component
+    if wanted == "bias":
+        return w.bias and c != "added"
+    if wanted == "attention":
+        return c.startswith("attn.")
+    if wanted in ("q", "k", "v"):
+        return c in (f"attn.{wanted}", "attn.qkv")
+    if wanted == "o":
+        return c == "attn.o"
+    return c == wanted
+
+
+def check_component(name: str) -> str:
+    if name not in COMPONENTS:
+        raise UserError(f"unknown component '{name}'{close_matches(name, COMPONENTS)}; valid: {', '.join(COMPONENTS)}")
+    return name
+
+
+def parse_layers(text: str, n_layers: int) -> range:
+    """'6-11' or '6' -> range of block indices; checked against the model's depth."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", str(text).strip())
+    if not m:
+        raise UserError(f"bad layer range '{text}': write A-B (e.g. 6-11) or a single index")
+    a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+    if a > b or b >= n_layers:
+        raise UserError(f"layer range {text} is outside the model, which has blocks 0-{n_layers - 1}")
+    return range(a, b + 1)

@@ -1,0 +1,17 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in what the user asked for (a bad spec, a missing file). The CLI
+prints its message as one line and exits with status 2; it never shows a traceback.
+"""
+
+import difflib
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line and exit code 2."""
+
+
+def close_matches(word: str, choices, n: int = 3) -> str:
+    """Return ' (did you mean: a, b?)' for near misses of `word`, or ''."""
+    hits = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+    return f" (did you mean: {', '.join(hits)}?)" if hits else ""

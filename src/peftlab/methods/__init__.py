@@ -1,0 +1,77 @@
+"""The registry of PEFT methods and `prepare`, the seam between methods and the training loop.
+
+A method is a function `apply(model, **options)` registered under a name with the options it
+accepts. It changes the model in place: it marks base parameters trainable (freezing methods)
+or adds trainable modules (LoRA, adapters, prompts...). It may return a schedule
+`{step: [parameter names]}` of parameters that become trainable later. The training loop only
+sees which parameters require gradients; it never asks which method made them.
+"""
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from ..errors import UserError
+from ..spec import Option, Step, parse
+
+REGISTRY: dict = {}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: object
+    options: dict
+    doc: str
+
+
+def register(name: str, **options: Option):
+    """Decorator: register `fn(model, **options)` as strategy `name`."""
+
+    def wrap(fn):
+        REGISTRY[name] = Method(name, fn, options, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+@dataclass
+class Prepared:
+    """What `prepare` did to a model: the parsed steps and any delayed unfreezing."""
+
+    steps: list
+    unfreeze_at: dict = field(default_factory=dict)  # step -> [parameter names]
+
+    @property
+    def spec(self) -> str:
+        return "/".join(str(s) for s in self.steps)
+
+
+def parse_strategy(spec: str) -> list[Step]:
+    """Parse and validate a strategy string without touching any model."""
+    return parse(spec, REGISTRY)
+
+
+def prepare(model: nn.Module, spec: str) -> Prepared:
+    """Apply strategy `spec` to `model` in place: freeze everything, then apply each method."""
+    steps = parse_strategy(spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prepared = Prepared(steps)
+    for step in steps:
+        method = REGISTRY[step.method]
+        opts = {k: o.default for k, o in method.options.items()} | step.options
+        schedule = method.apply(model, **opts)
+        for at, names in (schedule or {}).items():
+            prepared.unfreeze_at.setdefault(at, []).extend(names)
+    if not trainable_parameters(model) and 0 not in prepared.unfreeze_at:
+        raise UserError(f"strategy '{spec}' leaves nothing to train on this model")
+    return prepared
+
+
+def trainable_parameters(model: nn.Module) -> dict:
+    """Name -> parameter for every parameter that currently requires a gradient."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+from . import freeze  # noqa: E402,F401  (registration)

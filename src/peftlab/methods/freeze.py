@@ -1,0 +1,87 @@
+"""Selective freezing: train chosen components of the base model and nothing else.
+
+`full` trains every parameter. `freeze:train=mlp+norm,layers=6-11` trains the named
+components, optionally only inside a block range (then parameters outside every block, such
+as embeddings and the final norm, stay frozen), and `include=`/`exclude=` regexes over
+parameter names refine the choice. Two presets reproduce published studies:
+`freeze-attention` (train MLP + norms) and `targeted-qkv` (W_Q, W_K, W_V of blocks >= 6).
+"""
+
+import re
+
+from ..components import arch_of, check_component, matches, num_layers, parse_layers, where
+from ..errors import UserError
+from ..spec import Option
+from . import register
+
+
+def select(model, train=(), layers=None, include=None, exclude=None) -> list[str]:
+    """Names of base parameters picked by components, a block range and name regexes."""
+    for c in train:
+        check_component(c)
+    wanted_qkv = {"q", "k", "v"} & set(train)
+    if arch_of(model).proj.get("c_attn") == "qkv" and wanted_qkv and wanted_qkv != {"q", "k", "v"}:
+        raise UserError(f"{model.config.model_type} fuses q, k and v in one matrix; train q+k+v together or 'attention'")
+    span = parse_layers(layers, num_layers(model)) if layers else None
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise UserError(f"bad regular expression: {e}") from None
+    picked = []
+    for name, w in where(model).items():
+        if w.component == "added":
+            continue
+        hit = any(matches(w, c) for c in train) or bool(inc and inc.search(name))
+        if span is not None and w.layer not in span:
+            hit = False
+        if exc and exc.search(name):
+            hit = False
+        if hit:
+            picked.append(name)
+    return picked
+
+
+def unfreeze(model, names) -> None:
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+
+
+@register("full")
+def full(model):
+    """Train every parameter (the reference point)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+@register(
+    "freeze",
+    train=Option((), "list", help="components to train: " + "+".join(("embed", "attention", "q", "k", "v", "o", "mlp", "norm", "lm_head", "bias"))),
+    layers=Option(None, help="block range A-B; only parameters inside these blocks train"),
+    include=Option(None, help="regex over parameter names to also train"),
+    exclude=Option(None, help="regex over parameter names never to train"),
+)
+def freeze(model, train, layers, include, exclude):
+    """Train only the chosen components / blocks / name patterns; freeze the rest."""
+    if not train and not include:
+        raise UserError("freeze: say what trains, e.g. freeze:train=mlp+norm or freeze:include=<regex>")
+    names = select(model, train, layers, include, exclude)
+    if not names:
+        raise UserError("freeze: the selection matches no parameter of this model")
+    unfreeze(model, names)
+
+
+@register("freeze-attention")
+def freeze_attention(model):
+    """Freeze attention and embeddings; train MLP and norms."""
+    unfreeze(model, select(model, ("mlp", "norm")))
+
+
+@register("targeted-qkv", from_layer=Option(6, "int", help="first block whose W_Q, W_K, W_V train"))
+def targeted_qkv(model, from_layer):
+    """Train only W_Q, W_K, W_V of blocks >= from_layer."""
+    n = num_layers(model)
+    if not 0 <= from_layer < n:
+        raise UserError(f"targeted-qkv: from_layer={from_layer} is outside the model, which has blocks 0-{n - 1}")
+    unfreeze(model, select(model, ("q", "k", "v"), f"{from_layer}-{n - 1}"))
