@@ -5,8 +5,12 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer ships its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 from rich.console import Console
 from rich.table import Table
 
@@ -116,7 +120,7 @@ def generate(
             raise UserError(f"adapter folder not found: {a}")
     loaded = models.load(model)
     if not adapter:
-        out.print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat), markup=False)
+        print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
         return
     table = Table(show_lines=True)
     table.add_column("adapter")
@@ -136,11 +140,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.UsageError as e:
+    except click_errors.UsageError as e:
         hint = f" (see: peftlab {e.ctx.command.name} --help)" if e.ctx and e.ctx.command.name != "peftlab" else ""
         print(f"peftlab: error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except click_errors.Abort:
         print("peftlab: interrupted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -46,8 +46,17 @@ def _from_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
-    return model, AutoTokenizer.from_pretrained(path.parent, **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(path.parent, **kw)
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"could not load GGUF file {path}: {str(e).splitlines()[0][:200]}") from None
+    # transformers de-quantises GGUF tensors to fp32 on load but still marks the model as
+    # quantized, which blocks save_pretrained; the weights are plain fp32, so drop the mark.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
 
 
 def _from_folder(folder, **kw):

@@ -1,0 +1,45 @@
+import json
+import os
+
+import pytest
+
+from peftlab import assets
+from peftlab.cli import main
+
+PARAGRAPH = (
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, "
+    "and nothing particular to interest me on shore, I thought I would sail about a little and see the watery "
+    "part of the world. It is a way I have of driving off the spleen and regulating the circulation.\n"
+)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """About 12 kB of English prose: enough blocks for a tiny model to learn from."""
+    path = tmp_path / "text.txt"
+    path.write_text(PARAGRAPH * 40)
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def need_assets(*names):
+    missing = [n for n in names if not assets.is_fetched(n)]
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"CI must fetch {missing} first (./dev test does)")
+    if missing:
+        pytest.skip(f"needs: peftlab fetch {' '.join(missing)}")
