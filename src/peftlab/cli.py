@@ -46,7 +46,7 @@ def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy"
 
     methods.parse_strategy(strategy)
     loaded = models.load(model)
-    methods.prepare(loaded.model, strategy)
+    methods.prepare(loaded.model, strategy, loaded.tokenizer)
     table = Table(title=f"{model} · {strategy}")
     for col in ("component", "trainable", "total", "trainable %"):
         table.add_column(col, justify="left" if col == "component" else "right")
@@ -67,6 +67,7 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda"), grad_accum: int = typer.Option(1),
     eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
     checkpoint_every: int = typer.Option(0, help="save the adapter every N steps (0: only at the end)"),
+    grad_checkpoint: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
@@ -77,7 +78,7 @@ def train(
     _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
-                      checkpoint_every=checkpoint_every)
+                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint)
     runtime.check_dtype(dtype)
     dev = runtime.pick_device(device)
     methods.parse_strategy(strategy)
@@ -85,7 +86,7 @@ def train(
     loaded = models.load(model, seed=seed)
     blocks = data_mod.load_blocks(loaded, data, seq_len)
     base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
-    prepared = methods.prepare(loaded.model, strategy)
+    prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"command": "train", "model": model, "data": data, "strategy": prepared.spec, "config": config_dict(cfg),
            "versions": runtime.versions(), "hardware": runtime.hardware(dev),

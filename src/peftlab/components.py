@@ -69,9 +69,7 @@ def _is_norm(module) -> bool:
 def classify_module(model, name: str, module) -> tuple[str, int | None]:
     """Component and layer of module `name` (a path from model.named_modules())."""
     arch = arch_of(model)
-    if getattr(module, "_peftlab_added", False):
-        component = "added"
-    elif isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding):
         component = "embed"
     elif module is model.get_output_embeddings():
         component = "lm_head"
@@ -95,14 +93,13 @@ def classify_module(model, name: str, module) -> tuple[str, int | None]:
 def where(model) -> dict[str, Where]:
     """Map every (de-duplicated) parameter name to its Where."""
     modules = dict(model.named_modules())
+    added = tuple(n + "." for n, m in modules.items() if getattr(m, "_peftlab_added", False))
     out = {}
     for pname, _ in model.named_parameters():
         owner, _, leaf = pname.rpartition(".")
         component, layer = classify_module(model, owner, modules[owner])
-        if component == "other":  # a wrapped base layer: classify by its wrapper's path
-            parent = owner.rpartition(".")[0]
-            if parent in modules and getattr(modules[parent], "_peftlab_added", False):
-                component, layer = classify_module(model, parent, nn.Identity())
+        if (owner + ".").startswith(added):  # inside a module a method added
+            component = "added"
         out[pname] = Where(component, layer, leaf == "bias")
     return out
 

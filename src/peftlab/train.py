@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: five evaluations over the run
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -73,6 +74,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     torch.manual_seed(cfg.seed)
     model.to(device)
     runtime.store_frozen(model, dtype)
+    if cfg.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None

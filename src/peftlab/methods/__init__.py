@@ -7,6 +7,7 @@ or adds trainable modules (LoRA, adapters, prompts...). It may return a schedule
 sees which parameters require gradients; it never asks which method made them.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -25,11 +26,11 @@ class Method:
     doc: str
 
 
-def register(name: str, **options: Option):
-    """Decorator: register `fn(model, **options)` as strategy `name`."""
+def register(method_name: str, **options: Option):
+    """Decorator: register `fn(model, **options)` as strategy `method_name`."""
 
     def wrap(fn):
-        REGISTRY[name] = Method(name, fn, options, (fn.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0])
         return fn
 
     return wrap
@@ -52,8 +53,11 @@ def parse_strategy(spec: str) -> list[Step]:
     return parse(spec, REGISTRY)
 
 
-def prepare(model: nn.Module, spec: str) -> Prepared:
-    """Apply strategy `spec` to `model` in place: freeze everything, then apply each method."""
+def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
+    """Apply strategy `spec` to `model` in place: freeze everything, then apply each method.
+
+    `tokenizer` reaches methods that ask for it (prompt tuning's text init).
+    """
     steps = parse_strategy(spec)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -61,6 +65,8 @@ def prepare(model: nn.Module, spec: str) -> Prepared:
     for step in steps:
         method = REGISTRY[step.method]
         opts = {k: o.default for k, o in method.options.items()} | step.options
+        if "tokenizer" in inspect.signature(method.apply).parameters:
+            opts["tokenizer"] = tokenizer
         schedule = method.apply(model, **opts)
         for at, names in (schedule or {}).items():
             prepared.unfreeze_at.setdefault(at, []).extend(names)
@@ -74,4 +80,4 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-from . import freeze  # noqa: E402,F401  (registration)
+from . import adapter, bitfit, freeze, lora, prefix, prompt, qlora, schedule  # noqa: E402,F401  (registration)

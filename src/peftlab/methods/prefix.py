@@ -1,0 +1,105 @@
+"""Prefix tuning: k trainable keys and values per layer, P ∈ R^{k×d_kv}, inside attention.
+
+    attention over [P_k; K] and [P_v; V] in every layer   (d_kv = kv_heads · head_dim)
+
+Trainable: 2·k·d_kv·L. With `projection=true` the prefixes come from a small MLP while
+training (more stable, as in Li & Liang); `fold` turns it into plain prefixes for saving.
+The layout (k, L·2·d_kv) is HF peft's, so weights move between the two unchanged.
+"""
+
+import torch
+import torch.nn as nn
+
+from ..components import num_layers
+from ..errors import UserError
+from ..spec import Option
+from . import register
+from .attach import active, attach
+from .virtual import MARK, call_inputs, compute_dtype, is_fresh, shift
+
+SLOT = "prefix"
+
+
+class PrefixKV(nn.Module):
+    """Per-layer key/value prefixes; `prefix` is (k, L·2·d_kv), or an MLP produces it."""
+
+    _peftlab_added = True
+
+    def __init__(self, k: int, layers: int, kv_heads: int, head_dim: int, projection: int = 0):
+        super().__init__()
+        self.k, self.layers, self.kv_heads, self.head_dim = k, layers, kv_heads, head_dim
+        d_kv = kv_heads * head_dim
+        if projection:  # reparametrisation: embedding (k, d_kv) -> MLP -> (k, L·2·d_kv)
+            self.register_parameter("prefix", None)
+            self.embedding = nn.Parameter(torch.empty(k, d_kv))
+            self.transform = nn.Sequential(nn.Linear(d_kv, projection), nn.Tanh(), nn.Linear(projection, layers * 2 * d_kv))
+        else:
+            self.prefix = nn.Parameter(torch.empty(k, layers * 2 * d_kv))
+            self.embedding, self.transform = None, None
+        self.active = True
+
+    def table(self) -> torch.Tensor:
+        return self.transform(self.embedding) if self.transform is not None else self.prefix
+
+    def forward(self, batch: int, dtype) -> list:
+        """[(key, value)] per layer, each (B, kv_heads, k, head_dim)."""
+        p = self.table().to(dtype).view(self.k, 2 * self.layers, self.kv_heads, self.head_dim)
+        p = p.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, heads, k, hd)
+        return [(p[2 * i], p[2 * i + 1]) for i in range(self.layers)]
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparametrisation MLP by the prefixes it produces."""
+        if self.transform is not None:
+            table = self.table().detach().clone()
+            self.transform, self.embedding = None, None
+            self.prefix = nn.Parameter(table)
+
+
+def prefix_hook(model, args, kwargs):
+    live = active(model._modules[SLOT])
+    if not live:
+        return args, kwargs
+    prefix = live[0]
+    args, batch, length, device = call_inputs(args, kwargs)
+    cache = kwargs.get("past_key_values")
+    if is_fresh(kwargs):
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+        dtype = compute_dtype(prefix.prefix if prefix.prefix is not None else prefix.embedding)
+        for i, (key, value) in enumerate(prefix(batch, dtype)):
+            cache.update(key, value, i)
+        setattr(cache, MARK, prefix.k)
+        kwargs["past_key_values"] = cache
+    if getattr(cache, MARK, 0):
+        shift(kwargs, prefix.k, batch, length, device, prepend_positions=False)
+    return args, kwargs
+
+
+def kv_shape(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+@register(
+    "prefix",
+    tokens=Option(20, "int", help="prefix length k"),
+    projection=Option(0, "int", help="hidden size of the reparametrisation MLP (0: none)"),
+    name=Option("default"),
+    seed=Option(0, "int"),
+)
+def prefix(model, tokens, projection, name, seed):
+    """k trainable key/value vectors per layer inside attention."""
+    if tokens <= 0:
+        raise UserError(f"prefix: tokens must be positive, got {tokens}")
+    kv_heads, head_dim = kv_shape(model.config)
+    p = PrefixKV(tokens, num_layers(model), kv_heads, head_dim, projection)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in p.parameters():
+            param.normal_(0, 0.02, generator=gen) if param.dim() > 1 else param.zero_()
+    attach(model, SLOT, name, p.to(next(model.parameters()).device), prefix_hook, pre=True)

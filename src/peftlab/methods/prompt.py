@@ -1,0 +1,87 @@
+"""Prompt tuning: k trainable input embeddings P ∈ R^{k×d} in front of every sequence.
+
+    X' = [P; E(x)]   (labels get -100 for the k virtual positions; logits keep them)
+
+Trainable: k·d. `init=random | vocabulary | text` (text: the embeddings of `text`, cycled).
+"""
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..spec import Option
+from . import register
+from .attach import active, attach
+from .virtual import MARK, call_inputs, is_fresh, shift
+
+SLOT = "prompt"
+
+
+class PromptEmbedding(nn.Module):
+    """k virtual token embeddings, (k, d)."""
+
+    _peftlab_added = True
+
+    def __init__(self, k: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k, d))
+        self.active = True
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, k, d)
+
+
+def prompt_hook(model, args, kwargs):
+    live = active(model._modules[SLOT])
+    if not live:
+        return args, kwargs
+    prompt = live[0]
+    k = prompt.weight.shape[0]
+    args, batch, length, device = call_inputs(args, kwargs)
+    cache = kwargs.get("past_key_values")
+    if is_fresh(kwargs):
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = model.get_input_embeddings()(kwargs["input_ids"])
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([prompt(batch).to(embeds.dtype), embeds], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, k), -100), labels], dim=1)
+        shift(kwargs, k, batch, length, device, prepend_positions=True)
+        if cache is not None:
+            setattr(cache, MARK, k)
+    elif getattr(cache, MARK, 0):
+        shift(kwargs, k, batch, length, device, prepend_positions=False)
+    return args, kwargs
+
+
+@register(
+    "prompt",
+    tokens=Option(20, "int", help="number of virtual tokens k"),
+    init=Option("vocabulary", "choice", ("random", "vocabulary", "text")),
+    text=Option("Write in the style of the training text.", help="init text for init=text"),
+    name=Option("default"),
+    seed=Option(0, "int"),
+)
+def prompt(model, tokens, init, text, name, seed, tokenizer=None):
+    """k trainable input embeddings prepended to every sequence."""
+    if tokens <= 0:
+        raise UserError(f"prompt: tokens must be positive, got {tokens}")
+    table = model.get_input_embeddings().weight  # (V, d)
+    p = PromptEmbedding(tokens, table.shape[1]).to(table.device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if init == "random":
+            p.weight.normal_(0, float(table.float().std()), generator=gen)
+        elif init == "vocabulary":  # embeddings of random real tokens (vocabulary init)
+            p.weight.copy_(table[torch.randint(0, table.shape[0], (tokens,), generator=gen)].float())
+        else:
+            if tokenizer is None:
+                raise UserError("prompt: init=text needs the model's tokenizer; use init=vocabulary here")
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise UserError("prompt: init=text needs a non-empty text")
+            ids = (ids * (tokens // len(ids) + 1))[:tokens]
+            p.weight.copy_(table[torch.tensor(ids)].float())
+    attach(model, SLOT, name, p, prompt_hook, pre=True)

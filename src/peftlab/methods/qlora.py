@@ -1,0 +1,74 @@
+"""QLoRA: the frozen base's linear layers stored in 8-bit or 4-bit NF4 (bitsandbytes, which
+runs on CPU and CUDA), LoRA on top in full precision.
+
+    y = dequant(W_q) x + b + s · B A x
+
+Trainable: r(m+n) per target, as LoRA. `storage_bytes` reports what the base really occupies.
+"""
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+# bitsandbytes on CPU announces every int8 matmul's fp16 cast and an autograd fallback whose
+# input gradients we checked against the dequantized matmul; keep the progress bar readable.
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
+
+from ..errors import UserError
+from ..spec import Option
+from . import register
+from .lora import LORA_OPTIONS, add_lora, linear_layers
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("qlora needs bitsandbytes: pip install 'peftlab[quant]'") from None
+    return bnb
+
+
+def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
+    """A bitsandbytes copy of `linear` with its weight stored in `bits` bits (4: NF4)."""
+    bnb = _bnb()
+    w = linear.weight.data.float().cpu()
+    if bits == 4:
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, device="meta")
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.float().clone(), requires_grad=False)
+    return q.to(linear.weight.device)  # moving to a device is what quantizes
+
+
+def storage_bytes(model) -> int:
+    """Bytes the model's weights occupy as stored (quantized blocks and their scales included)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8"), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init")})
+def qlora(model, bits, **opts):
+    """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
+    if bits not in (4, 8):
+        raise UserError(f"qlora: bits must be 4 or 8, got {bits}")
+    if type(next(iter(linear_layers(model).values()))).__name__ == "Conv1D":
+        raise UserError(f"qlora: {model.config.model_type} stores its layers as Conv1D, which bitsandbytes cannot quantize; use lora")
+    for path, linear in linear_layers(model).items():
+        if type(linear) is nn.Linear:
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, quantize_linear(linear, bits))
+    add_lora(model, dora=False, init="kaiming", **opts)

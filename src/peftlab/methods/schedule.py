@@ -1,0 +1,33 @@
+"""Gradual unfreezing: each named component becomes trainable at its own step.
+
+    schedule:mlp=0,norm=0,attention=100   -> MLP and norms from the start, attention from step 100
+
+The training loop hands newly trainable parameters to the optimizer at their step.
+"""
+
+from ..components import COMPONENTS
+from ..errors import UserError
+from ..spec import Option
+from . import register
+from .freeze import select, unfreeze
+
+
+@register("schedule", **{c: Option(None, "int", help=f"step at which {c} starts training") for c in COMPONENTS})
+def schedule(model, **starts):
+    """Unfreeze each component at its own step."""
+    plan = {}
+    for component, step in starts.items():
+        if step is None:
+            continue
+        if step < 0:
+            raise UserError(f"schedule: {component}={step} must be a step >= 0")
+        names = select(model, (component,))
+        if not names:
+            raise UserError(f"schedule: this model has no '{component}' parameters")
+        if step == 0:
+            unfreeze(model, names)
+        else:
+            plan.setdefault(step, []).extend(names)
+    if not plan and not any(v == 0 for v in starts.values()):
+        raise UserError("schedule: give each component its start step, e.g. schedule:mlp=0,attention=100")
+    return plan

@@ -1,0 +1,54 @@
+"""Shared bookkeeping for methods that put k virtual tokens in front of the sequence
+(prompt tuning: k input embeddings; prefix tuning: k keys/values per layer).
+
+The model call must then see an attention mask, cache positions and position ids that count
+those k tokens. During generation `transformers` keeps its own count without them, so every
+call on a cache that carries virtual tokens is shifted by k.
+"""
+
+import torch
+
+MARK = "_peftlab_virtual"  # attribute on a cache object: how many virtual tokens it holds
+
+
+def call_inputs(args, kwargs):
+    """Move a positional input_ids into kwargs; return (batch, length, device)."""
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs["inputs_embeds"]
+    return args, x.shape[0], x.shape[1], x.device
+
+
+def is_fresh(kwargs) -> bool:
+    """True on the first chunk of a sequence (no cache, or an empty one)."""
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype activations have right now (bf16 under autocast)."""
+    kind = param.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+
+
+def shift(kwargs, k: int, batch: int, length: int, device, prepend_positions: bool) -> None:
+    """Account for k virtual tokens in mask, cache_position and position_ids.
+
+    `prepend_positions`: the virtual tokens are part of this call's input (prompt tuning,
+    first chunk), so positions 0..k-1 are added in front instead of only shifting.
+    """
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    mask = kwargs.get("attention_mask")
+    want = past + length + (k if prepend_positions else 0)
+    if mask is not None and mask.shape[-1] == want - k:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], k), mask], dim=-1)
+    front = torch.arange(k, device=device)
+    cp = kwargs.get("cache_position")
+    if cp is not None:
+        kwargs["cache_position"] = torch.cat([front, cp + k]) if prepend_positions else cp + k
+    pid = kwargs.get("position_ids")
+    if pid is not None:
+        kwargs["position_ids"] = torch.cat([front.expand(pid.shape[0], k), pid + k], -1) if prepend_positions else pid + k
