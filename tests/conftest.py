@@ -43,3 +43,34 @@ def need_assets(*names):
         pytest.fail(f"CI must fetch {missing} first (./dev test does)")
     if missing:
         pytest.skip(f"needs: peftlab fetch {' '.join(missing)}")
+
+
+ARCHS = ["tiny-llama", "tiny-gptneo", "tiny-gpt2", "tiny-gemma3"]
+
+
+def perturb(model, scale=0.2, seed=1):
+    """Move every trainable tensor off its (often zero) init, so outputs really depend on it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def sample_ids(loaded, batch=2):
+    import torch
+
+    return torch.tensor([loaded.encode("Call me Ishmael. Some years ago, never mind")] * batch)
+
+
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def linear_dims(model, leaves=None):
+    """[(in, out)] of the decoder's linear layers whose leaf name is in `leaves` (None: all)."""
+    from peftlab.methods.lora import dims, linear_layers
+
+    return [dims(m) for n, m in linear_layers(model).items() if leaves is None or n.rsplit(".", 1)[-1] in leaves]

@@ -70,3 +70,20 @@ def hardware(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each block's activations in backward (non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Some models (GPT-2) also withhold the KV cache from every block at the model level
+    # under checkpointing. Blocks already decide that themselves (prefix tuning's read-only
+    # cache may stay), so only the blocks keep the flag.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if not isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False):
+            m.gradient_checkpointing = False

@@ -56,7 +56,8 @@ def _configs():
             **common,
         ),
         "tiny-gpt2": GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512, **common
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
         ),
         "tiny-gemma3": Gemma3TextConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -75,7 +75,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     model.to(device)
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runtime.enable_checkpointing(model)
     model.train()
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None

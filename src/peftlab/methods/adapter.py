@@ -22,13 +22,17 @@ class Bottleneck(nn.Module):
 
     _peftlab_added = True
 
-    def __init__(self, d: int, r: int, activation: str = "relu"):
+    def __init__(self, d: int, r: int, activation: str = "relu", generator: torch.Generator | None = None):
         super().__init__()
         self.down = nn.Linear(d, r)  # W_down (r, d), b_down (r,)
         self.up = nn.Linear(r, d)  # W_up (d, r), b_up (d,)
         self.act = ACTIVATIONS[activation]()
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():  # seeded: the same spec always starts from the same adapter
+            bound = 1 / d**0.5
+            self.down.weight.uniform_(-bound, bound, generator=generator)
+            self.down.bias.uniform_(-bound, bound, generator=generator)
+            self.up.weight.zero_()
+            self.up.bias.zero_()
         self.active = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -52,8 +56,9 @@ def adapter_hook(sublayer, args, output):
     activation=Option("relu", "choice", tuple(ACTIVATIONS)),
     layers=Option(None, help="block range A-B"),
     name=Option("default", help="adapter name"),
+    seed=Option(0, "int"),
 )
-def adapter(model, r, reduction, placement, activation, layers, name):
+def adapter(model, r, reduction, placement, activation, layers, name, seed):
     """Bottleneck adapters after attention and/or MLP sublayers."""
     d = model.config.hidden_size
     if r is None:
@@ -65,9 +70,10 @@ def adapter(model, r, reduction, placement, activation, layers, name):
     arch = arch_of(model)
     span = parse_layers(layers, num_layers(model)) if layers else range(num_layers(model))
     device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
     for i, block in enumerate(blocks(model)):
         if i not in span:
             continue
         places = [arch.mlp] if placement == "pfeiffer" else [arch.attn.split(".")[0], arch.mlp]
         for place in places:
-            attach(block.get_submodule(place), SLOT, name, Bottleneck(d, r, activation).to(device), adapter_hook)
+            attach(block.get_submodule(place), SLOT, name, Bottleneck(d, r, activation, gen).to(device), adapter_hook)

@@ -10,7 +10,7 @@ The layout (k, L·2·d_kv) is HF peft's, so weights move between the two unchang
 import torch
 import torch.nn as nn
 
-from ..components import num_layers
+from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option
 from . import register
@@ -56,6 +56,26 @@ class PrefixKV(nn.Module):
             self.prefix = nn.Parameter(table)
 
 
+def read_only_cache(config):
+    """A cache holding only the prefixes that never stores what a forward pass adds.
+
+    Training needs no KV cache, and gradient checkpointing replays each block's forward in
+    backward: a cache that grew on the first pass would be wrong on the replay. This one
+    answers every `update` with [prefix; new] and stays as it was, so replays see the same.
+    """
+    from transformers import DynamicCache
+
+    class PrefixOnlyCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+        def fill(self, key_states, value_states, layer_idx):
+            return DynamicCache.update(self, key_states, value_states, layer_idx)
+
+    return PrefixOnlyCache(config=config)
+
+
 def prefix_hook(model, args, kwargs):
     live = active(model._modules[SLOT])
     if not live:
@@ -64,13 +84,16 @@ def prefix_hook(model, args, kwargs):
     args, batch, length, device = call_inputs(args, kwargs)
     cache = kwargs.get("past_key_values")
     if is_fresh(kwargs):
-        if cache is None:
+        if cache is None and (model.training or kwargs.get("use_cache") is False):
+            cache = read_only_cache(model.config)
+        elif cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
+        write = getattr(cache, "fill", cache.update)
         dtype = compute_dtype(prefix.prefix if prefix.prefix is not None else prefix.embedding)
         for i, (key, value) in enumerate(prefix(batch, dtype)):
-            cache.update(key, value, i)
+            write(key, value, i)
         setattr(cache, MARK, prefix.k)
         kwargs["past_key_values"] = cache
     if getattr(cache, MARK, 0):
@@ -103,3 +126,6 @@ def prefix(model, tokens, projection, name, seed):
         for param in p.parameters():
             param.normal_(0, 0.02, generator=gen) if param.dim() > 1 else param.zero_()
     attach(model, SLOT, name, p.to(next(model.parameters()).device), prefix_hook, pre=True)
+    for block in blocks(model):
+        # Blocks may keep our read-only prefix cache under gradient checkpointing (see read_only_cache).
+        block._can_checkpoint_with_cache = True
