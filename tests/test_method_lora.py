@@ -1,0 +1,84 @@
+"""LoRA, rsLoRA, DoRA: closed-form counts, identity at init, equality with HF peft, errors."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import ARCHS, linear_dims, n_trainable, perturb, sample_ids
+from peftlab import load_model, prepare
+from peftlab.errors import UserError
+from peftlab.methods.attach import attached
+
+QV = {"tiny-gpt2": ("c_attn",)}  # GPT-2 keeps q, k, v in one matrix
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec, extra", [("lora:r=4", 0), ("lora:r=3,targets=all-linear", 0), ("dora:r=4", 1)])
+def test_counts_are_r_times_m_plus_n(arch, spec, extra):
+    model = load_model(arch).model
+    prepare(model, spec)
+    leaves = None if "all-linear" in spec else QV.get(arch, ("q_proj", "v_proj"))
+    r = int(spec.split("r=")[1].split(",")[0])
+    assert n_trainable(model) == sum(r * (i + o) + extra * o for i, o in linear_dims(model, leaves))
+
+
+def test_smollm2_shape_counts():
+    # q: 576->576, v: 576->192 in 30 layers; r = 8
+    model = load_model("tiny-llama").model
+    prepare(model, "lora:r=8,targets=q_proj+v_proj,layers=1-1")
+    assert n_trainable(model) == 8 * (64 + 64) + 8 * (64 + 32)
+
+
+def to_peft(base, ours, spec_kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    fan = base.config.model_type == "gpt2"
+    pm = get_peft_model(base, LoraConfig(fan_in_fan_out=fan, **spec_kwargs))
+    for host_name, _, slot in attached(ours, "lora"):
+        delta = slot["default"]
+        theirs = pm.get_submodule("base_model.model." + host_name)
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(delta.A)
+            theirs.lora_B["default"].weight.copy_(delta.B)
+            if delta.magnitude is not None:
+                theirs.lora_magnitude_vector["default"].weight.copy_(delta.magnitude)
+    return pm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+def test_same_weights_same_logits_as_hf_peft(arch, variant):
+    loaded = load_model(arch)
+    base = copy.deepcopy(loaded.model)
+    targets = "all-linear" if arch != "tiny-llama" else "q_proj+v_proj"
+    prepare(loaded.model, f"lora:r=4,alpha=8,targets={targets},{variant}=true" if variant != "lora" else f"lora:r=4,alpha=8,targets={targets}")
+    perturb(loaded.model, 0.1)
+    pm = to_peft(base, loaded.model, dict(r=4, lora_alpha=8, target_modules=targets if targets == "all-linear" else targets.split("+"),
+                                          use_dora=variant == "dora", use_rslora=variant == "rslora"))
+    ids = sample_ids(loaded)
+    torch.testing.assert_close(loaded.model(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_pissa_starts_at_the_base_model():
+    loaded = load_model("tiny-llama")
+    base = copy.deepcopy(loaded.model)
+    prepare(loaded.model, "lora:r=4,init=pissa")
+    ids = sample_ids(loaded)
+    torch.testing.assert_close(loaded.model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5, rtol=0)
+    delta = next(attached(loaded.model, "lora"))[2]["default"]
+    assert delta.B.abs().sum() > 0  # principal directions, not zeros
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("lora:targets=q_prj", "target module 'q_prj' is not in this model (did you mean: q_proj"),
+    ("lora:r=0", "r must be a positive rank"),
+    ("lora:r=-2", "r must be a positive rank"),
+    ("lora:layers=0-7", "outside the model"),
+    ("lora:dropout=1.5", "dropout must be in"),
+    ("lora:init=xavier", "choose one of: kaiming, gaussian, pissa"),
+    ("lora:rank=4", "unknown key 'rank'"),
+])
+def test_errors(spec, says):
+    with pytest.raises(UserError, match=says.replace("(", r"\(")):
+        prepare(load_model("tiny-llama").model, spec)
