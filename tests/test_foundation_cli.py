@@ -75,6 +75,10 @@ def test_generate_is_deterministic(cli):
         (["--steps", "abc"], "Invalid value for '--steps'"),
         (["--dtype", "fp8"], "--dtype must be one of"),
         (["--model", "smollm2-135m-missing.gguf"], "GGUF file not found"),
+        (["--strategy", "lora:targets=q_prj"], "did you mean: q_proj"),
+        (["--strategy", "lora:r=0"], "r must be a positive rank"),
+        (["--strategy", "bitfit"], "use bitfit:norms=true"),
+        (["--strategy", "lora:layers=2-4"], "outside the model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, text_file, tmp_path, args, says):

@@ -53,6 +53,9 @@ def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy"
     for comp, (t, n) in count(loaded.model).items():
         table.add_row(comp, f"{t:,}", f"{n:,}", f"{100 * t / n:.2f}" if n else "-", style="bold" if comp == "total" else None)
     out.print(table)
+    from .methods.qlora import storage_bytes
+
+    out.print(f"weights as stored: {storage_bytes(loaded.model) / 1e6:,.1f} MB")
 
 
 @app.command()

@@ -2,9 +2,19 @@
 
 from collections import defaultdict
 
+import torch
+
 from .components import where
 
 ORDER = ("embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp", "norm", "lm_head", "added", "other")
+
+
+def logical_numel(p) -> int:
+    """Parameters a tensor stands for: a packed 4-bit tensor holds two per byte."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return p.numel()
 
 
 def count(model) -> dict:
@@ -13,9 +23,10 @@ def count(model) -> dict:
     places = where(model)
     for name, p in model.named_parameters():
         row = table[places[name].component]
-        row[1] += p.numel()
+        n = logical_numel(p)
+        row[1] += n
         if p.requires_grad:
-            row[0] += p.numel()
+            row[0] += n
     out = {c: tuple(table[c]) for c in ORDER if c in table}
     out["total"] = (sum(t for t, _ in out.values()), sum(n for _, n in out.values()))
     return out
