@@ -74,7 +74,7 @@ def train(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import artifact, data as data_mod, methods, models, runtime
+    from . import artifacts, data as data_mod, methods, models, runtime
     from .files import write_json
     from .train import TrainConfig, config_dict, train as run_training
 
@@ -97,8 +97,8 @@ def train(
     write_json(out_dir / "run.json", run)
     start = time.perf_counter()
     records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=not quiet)
-    folder = artifact.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
-    size = artifact.size_on_disk(folder)
+    folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
+    size = artifacts.size_on_disk(folder)
     run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": records[0]["eval_loss"],
                      "final_eval_loss": records[-1]["eval_loss"], "adapter_bytes": size, "base_fp32_bytes": base_bytes}
     write_json(out_dir / "run.json", run)
@@ -115,7 +115,7 @@ def generate(
     seed: int = typer.Option(0), chat: bool = typer.Option(False, help="wrap the prompt in the chat template"),
 ):
     """Generate from the base model, or from each adapter side by side."""
-    from . import artifact, models
+    from . import artifacts, models
     from .generate import generate as run
 
     _positive(max_new_tokens=max_new_tokens)
@@ -131,9 +131,31 @@ def generate(
     table.add_column("output")
     for a in adapter:
         fresh = models.load(model)
-        artifact.load(fresh.model, a)
+        artifacts.load(fresh.model, a, tokenizer=fresh.tokenizer)
         table.add_row(str(a), prompt + run(fresh, prompt, max_new_tokens, temperature, seed, chat))
     out.print(table)
+
+
+@app.command()
+def merge(
+    model: str = MODEL,
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="adapter folder (peft or peftlab format)"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder for the merged HF model"),
+    dequantize: bool = typer.Option(False, help="allow de-quantizing a 4/8-bit base to merge into it"),
+):
+    """Fold an adapter into the base; write a plain HF model folder (no peftlab needed to load it)."""
+    from . import artifacts, models
+    from .files import atomic_dir
+    from .merge import merge_and_unload
+
+    artifacts.kind(adapter)
+    loaded = models.load(model)
+    artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer)
+    merged = merge_and_unload(loaded.model, dequantize=dequantize)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    out.print(f"merged model: {out_dir} ({sum(p.stat().st_size for p in out_dir.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
 
 
 def main(argv=None) -> int:
@@ -144,14 +166,15 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 2
+    except click_errors.NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        return 0
     except click_errors.UsageError as e:
-        hint = f" (see: peftlab {e.ctx.command.name} --help)" if e.ctx and e.ctx.command.name != "peftlab" else ""
+        sub = e.ctx.command.name if e.ctx and e.ctx.command.name not in (None, "", "peftlab") else ""
+        hint = f" (see: peftlab {sub} --help)" if sub else " (see: peftlab --help)"
         print(f"peftlab: error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click_errors.Abort:
-        print("peftlab: interrupted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         print("peftlab: interrupted", file=sys.stderr)
         return 130
     return 0

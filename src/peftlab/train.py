@@ -135,9 +135,9 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 emit(record)
                 bar.update(record)
                 if out and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    from .artifact import save
+                    from .artifacts import save
 
-                    save(model, prepared, out / "checkpoint", extra={"step": step})
+                    save(model, prepared, out / "checkpoint")
     finally:
         if log:
             log.close()

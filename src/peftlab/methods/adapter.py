@@ -11,7 +11,7 @@ from ..components import arch_of, blocks, num_layers, parse_layers
 from ..errors import UserError
 from ..spec import Option
 from . import register
-from .attach import active, attach
+from .attach import apply, attach
 
 SLOT = "adapter"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -43,8 +43,7 @@ class Bottleneck(nn.Module):
 def adapter_hook(sublayer, args, output):
     """Apply the adapters to a sublayer's output (attention returns a tuple; its first item is h)."""
     h = output[0] if isinstance(output, tuple) else output
-    for bottleneck in active(sublayer._modules[SLOT]):
-        h = bottleneck(h)
+    h = apply(sublayer._modules[SLOT], h, lambda bottleneck, rows, hh: bottleneck(hh))
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 

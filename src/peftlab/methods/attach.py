@@ -3,7 +3,22 @@ run by a forward hook on that module. Base parameter names never change (so a me
 saves as a plain transformers model), and several named adapters can sit on one layer.
 """
 
+import re
+from contextvars import ContextVar
+
+import torch
 import torch.nn as nn
+
+from ..errors import UserError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    """An adapter name is a plain file-name-safe word: no '/', no '..', no leading dot."""
+    if not NAME.fullmatch(str(name)) or ".." in str(name):
+        raise UserError(f"adapter name '{name}' is not allowed; use letters, digits, '_' and '-'")
+    return name
 
 
 def attach(host: nn.Module, slot: str, name: str, child: nn.Module, hook, pre: bool = False) -> None:
@@ -12,6 +27,7 @@ def attach(host: nn.Module, slot: str, name: str, child: nn.Module, hook, pre: b
     A post hook is `hook(host, args, output) -> output`; a pre hook (`pre=True`) is
     `hook(host, args, kwargs) -> (args, kwargs)` and sees keyword arguments.
     """
+    check_name(name)
     if slot not in host._modules:
         host.add_module(slot, nn.ModuleDict())
         handles = host.__dict__.setdefault("_peftlab_hooks", {})
@@ -38,9 +54,34 @@ def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
         del children[name]
     if name is None or len(children) == 0:
         del host._modules[slot]
-        host.__dict__.get("_peftlab_hooks", {}).pop(slot).remove()
+        handle = host.__dict__.get("_peftlab_hooks", {}).pop(slot, None)
+        if handle is not None:
+            handle.remove()
+
+
+# Per-row routing: ROWS holds one adapter name per batch row while a routed call runs.
+ROWS: ContextVar = ContextVar("peftlab_rows", default=None)
 
 
 def active(children: nn.ModuleDict):
     """The children that currently take part in the forward pass."""
-    return [c for c in children.values() if c.active]
+    return [c for c in children.values() if c.active and not getattr(c, "merged", False)]
+
+
+def apply(children: nn.ModuleDict, out: torch.Tensor, run) -> torch.Tensor:
+    """Apply `run(child, rows, out)` for the active children, or per row when ROWS is set.
+
+    `rows` is None (the whole batch) or a list of row indices; `run` returns the new output for
+    those rows. Rows routed to no adapter keep the base output.
+    """
+    rows = ROWS.get()
+    if rows is None:
+        for child in active(children):
+            out = run(child, None, out)
+        return out
+    new = out.clone()
+    for name, child in children.items():
+        idx = [i for i, r in enumerate(rows) if r == name]
+        if idx:
+            new[idx] = run(child, idx, out[idx])
+    return new

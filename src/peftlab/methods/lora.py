@@ -17,7 +17,7 @@ from ..components import arch_of, num_layers, parse_layers, where
 from ..errors import UserError, close_matches
 from ..spec import Option
 from . import register
-from .attach import active, attach
+from .attach import apply, attach
 
 SLOT = "lora"
 
@@ -75,9 +75,8 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
 
 
 def lora_hook(layer, args, output):
-    for delta in active(layer._modules[SLOT]):
-        output = delta(args[0], output, layer)
-    return output
+    x = args[0]  # (..., n)
+    return apply(layer._modules[SLOT], output, lambda d, rows, out: d(x if rows is None else x[rows], out, layer))
 
 
 def linear_layers(model) -> dict:

@@ -14,7 +14,7 @@ from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option
 from . import register
-from .attach import active, attach
+from .attach import ROWS, active, attach
 from .virtual import MARK, call_inputs, compute_dtype, is_fresh, shift
 
 SLOT = "prefix"
@@ -78,6 +78,8 @@ def read_only_cache(config):
 
 def prefix_hook(model, args, kwargs):
     live = active(model._modules[SLOT])
+    if ROWS.get() is not None and model._modules[SLOT]:
+        raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {SLOT} tuning")
     if not live:
         return args, kwargs
     prefix = live[0]

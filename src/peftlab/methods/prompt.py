@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..spec import Option
 from . import register
-from .attach import active, attach
+from .attach import ROWS, active, attach
 from .virtual import MARK, call_inputs, is_fresh, shift
 
 SLOT = "prompt"
@@ -33,6 +33,8 @@ class PromptEmbedding(nn.Module):
 
 def prompt_hook(model, args, kwargs):
     live = active(model._modules[SLOT])
+    if ROWS.get() is not None and model._modules[SLOT]:
+        raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {SLOT} tuning")
     if not live:
         return args, kwargs
     prompt = live[0]

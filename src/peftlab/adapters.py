@@ -1,0 +1,154 @@
+"""Many named adapters on one base: switch, disable, delete, combine, route per row.
+
+    load(model, "runs/a/adapter", name="a"); load(model, "runs/b/adapter", name="b")
+    set_active(model, "b")
+    with disabled(model): ...            # base outputs
+    combine(model, {"a": 0.5, "b": 0.5}, "ab", how="cat")
+    model(input_ids=ids, adapter_names=["a", "b", "__base__"])   # one adapter per row
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+from .errors import UserError
+from .methods.attach import ROWS, attached, check_name, detach
+from .methods.lora import SLOT, LoraDelta
+
+SLOTS = ("lora", "adapter", "prefix", "prompt")
+BASE = "__base__"  # a row that should see no adapter
+
+
+def adapter_names(model) -> list[str]:
+    """Names of every adapter attached anywhere in `model`, in first-seen order."""
+    names = {}
+    for slot in SLOTS:
+        for _, _, children in attached(model, slot):
+            names.update(dict.fromkeys(children))
+    return list(names)
+
+
+def _children(model):
+    for slot in SLOTS:
+        for host_name, host, children in attached(model, slot):
+            yield slot, host, children
+
+
+def _known(model, names) -> None:
+    have = adapter_names(model)
+    for n in names:
+        if n not in have:
+            raise UserError(f"no adapter named '{n}'; loaded: {', '.join(have) or 'none'}")
+
+
+def set_active(model, *names: str) -> None:
+    """Make exactly `names` active (several LoRA adapters add up)."""
+    _known(model, names)
+    for _, _, children in _children(model):
+        for n, child in children.items():
+            child.active = n in names
+
+
+def active_names(model) -> list[str]:
+    return [n for n in adapter_names(model) if any(c[n].active for _, _, c in _children(model) if n in c)]
+
+
+@contextmanager
+def disabled(model):
+    """Inside the block the model computes as its base; the previous state returns after."""
+    before = [(child, child.active) for _, _, children in _children(model) for child in children.values()]
+    try:
+        for child, _ in before:
+            child.active = False
+        yield model
+    finally:
+        for child, state in before:
+            child.active = state
+
+
+def delete(model, name: str) -> None:
+    """Remove adapter `name` everywhere (its hooks too, where a layer is left without adapters)."""
+    _known(model, [name])
+    for slot, host, children in list(_children(model)):
+        if name in children:
+            detach(host, slot, name)
+
+
+@contextmanager
+def per_row(model, names: list):
+    """Route batch row i through adapter names[i] (`__base__` or None: no adapter)."""
+    _known(model, [n for n in names if n not in (None, BASE)])
+    token = ROWS.set([BASE if n is None else n for n in names])
+    try:
+        yield model
+    finally:
+        ROWS.reset(token)
+
+
+def _route_kwarg(model, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        model.__dict__["_peftlab_rows_token"] = ROWS.set([BASE if n is None else n for n in names])
+    return args, kwargs
+
+
+def _unroute(model, args, output):
+    token = model.__dict__.pop("_peftlab_rows_token", None)
+    if token is not None:
+        ROWS.reset(token)
+    return output
+
+
+def enable_adapter_names_kwarg(model) -> None:
+    """Let `model(..., adapter_names=[...])` route rows, like HF peft (idempotent)."""
+    if "_peftlab_route" not in model.__dict__:
+        model.__dict__["_peftlab_route"] = (
+            model.register_forward_pre_hook(_route_kwarg, with_kwargs=True),
+            model.register_forward_hook(_unroute),
+        )
+
+
+@torch.no_grad()
+def combine(model, weights: dict, name: str, how: str = "cat", rank: int | None = None) -> None:
+    """Add LoRA adapter `name` = a weighted combination of existing LoRA adapters.
+
+    how="cat":    A = [A_1; …; A_k], B = [w_1 s_1 B_1, …, w_k s_k B_k], s = 1
+                  → ΔW = Σ w_i ΔW_i exactly; rank Σ r_i (mixed ranks are fine).
+    how="linear": equal ranks only; A = Σ √|w_i s_i| A_i, B = Σ sign(w_i) √|w_i s_i| B_i, s = 1
+                  → rank r, ΔW ≈ Σ w_i ΔW_i (exact when the adapters share A or B).
+    how="svd":    ΔW = Σ w_i ΔW_i truncated to `rank` by SVD: B = U_r S_r, A = V_rᵀ, s = 1.
+    """
+    check_name(name)
+    _known(model, weights)
+    if name in adapter_names(model):
+        raise UserError(f"an adapter named '{name}' exists already; delete it or choose another name")
+    if how not in ("cat", "linear", "svd"):
+        raise UserError(f"combine: how must be cat, linear or svd, got '{how}'")
+    if how == "svd" and (rank is None or rank <= 0):
+        raise UserError("combine: how=svd needs a positive rank")
+    for host_name, layer, slot in list(attached(model, SLOT)):
+        parts = [(slot[n], w) for n, w in weights.items() if n in slot]
+        if not parts:
+            continue
+        if any(d.magnitude is not None for d, _ in parts):
+            raise UserError("combine works on LoRA adapters; DoRA magnitudes do not add up")
+        if how == "cat":
+            A = torch.cat([d.A for d, _ in parts], 0)
+            B = torch.cat([w * d.scaling * d.B for d, w in parts], 1)
+        elif how == "linear":
+            if len({d.A.shape[0] for d, _ in parts}) > 1:
+                raise UserError("combine how=linear needs equal ranks; use how=cat or how=svd for mixed ranks")
+            c = [(abs(w * d.scaling) ** 0.5, 1.0 if w >= 0 else -1.0) for d, w in parts]
+            A = sum(k * d.A for (d, _), (k, _) in zip(parts, c))
+            B = sum(sign * k * d.B for (d, _), (k, sign) in zip(parts, c))
+        else:
+            dw = sum(w * d.delta_weight() for d, w in parts)
+            U, S, Vh = torch.linalg.svd(dw.float(), full_matrices=False)
+            r = min(rank, S.numel())
+            B, A = U[:, :r] * S[:r], Vh[:r]
+        new = LoraDelta(A.shape[1], B.shape[0], A.shape[0], alpha=A.shape[0]).to(A.device)  # alpha = r → s = 1
+        new.A.copy_(A)
+        new.B.copy_(B)
+        new.active = False
+        new.requires_grad_(False)
+        slot[name] = new

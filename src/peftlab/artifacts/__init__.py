@@ -1,0 +1,50 @@
+"""Adapters as files: save, load, detect the format.
+
+A strategy that HF PEFT can express (one LoRA/DoRA/rsLoRA, prompt or prefix step) is saved
+in peft's format, so the ecosystem loads it unchanged; everything else in peftlab's own
+format (`native`). Writes go to a temporary folder renamed into place: a crash never leaves
+half an adapter.
+"""
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import atomic_dir
+from . import hf, native
+from .io import check_name
+
+
+def save(model, prepared, folder, name: str = "default", base_model: str = "", extra: dict | None = None) -> Path:
+    """Save adapter `name` (as trained by `prepared`) into `folder`; return the folder."""
+    check_name(name)
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        if hf.expressible(prepared.steps) and not prepared.unfreeze_at:
+            hf.save(model, prepared.steps, tmp, name, base_model)
+        else:
+            native.save(model, prepared, tmp, base_model, extra)
+    return folder
+
+
+def kind(folder) -> str:
+    """'peft' or 'peftlab'; a clear error for anything else."""
+    folder = Path(folder)
+    if (folder / hf.CONFIG).is_file():
+        return "peft"
+    if (folder / native.CONFIG).is_file():
+        return "peftlab"
+    if not folder.is_dir():
+        raise UserError(f"adapter folder not found: {folder}")
+    raise UserError(f"{folder} is not an adapter folder (no {hf.CONFIG} or {native.CONFIG})")
+
+
+def load(model, folder, name: str = "default", tokenizer=None):
+    """Load the adapter in `folder` into `model` as `name`; return the `Prepared` strategy."""
+    check_name(name)
+    if kind(folder) == "peft":
+        return hf.load(model, Path(folder), name)
+    return native.load(model, Path(folder), name, tokenizer)
+
+
+def size_on_disk(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

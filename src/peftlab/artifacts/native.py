@@ -1,0 +1,117 @@
+"""peftlab's own adapter folder, for what HF PEFT's format cannot express (bottleneck
+adapters, freeze / targeted / bitfit deltas, schedules, stacks, PiSSA):
+
+    adapter/
+      peftlab_config.json   {"format": "peftlab", "strategy": "...", "architecture": "...",
+                             "base_model": "...", "fingerprint": {tensor: [shape, checksum]}}
+      adapter.safetensors   only the tensors the strategy trained
+
+Loading re-applies the strategy to the base, refuses a base whose shapes or sampled values
+differ (naming the first offending tensor), then copies the trained tensors in. Base tensors
+that a freeze strategy trained overwrite the base's; their originals are kept so that
+`merge.unmerge` can restore them.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..methods import REGISTRY, parse_strategy, prepare, trainable_parameters
+from ..methods.prefix import PrefixKV
+from ..spec import Step
+from .io import check_fingerprint, fingerprint, read_json, read_tensors, write_tensors
+
+CONFIG = "peftlab_config.json"
+TENSORS = "adapter.safetensors"
+KNOWN = {"format", "version", "strategy", "architecture", "base_model", "fingerprint", "step", "name"}
+SLOTS = ("lora", "adapter", "prefix", "prompt")
+
+
+def trained_tensors(model, prepared) -> dict:
+    """Name -> fp32 tensor for everything the strategy trains (scheduled parameters too).
+
+    A prefix with a reparametrisation MLP is saved as the plain prefixes it produces.
+    """
+    names = set(trainable_parameters(model))
+    for later in prepared.unfreeze_at.values():
+        names.update(later)
+    params = dict(model.named_parameters())
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, PrefixKV) and module.transform is not None:
+            out[f"{path}.prefix"] = module.table().detach()
+            names -= {f"{path}.{n}" for n, _ in module.named_parameters()}
+    for n in sorted(names):
+        out[n] = params[n].detach()
+    return {n: t.to("cpu", torch.float32).contiguous() for n, t in out.items()}
+
+
+def saved_steps(steps: list) -> list:
+    """Steps as saved: reparametrised prefixes are stored folded (projection=0)."""
+    return [Step(s.method, s.options | {"projection": 0}) if s.method == "prefix" else s for s in steps]
+
+
+def renamed(steps: list, name: str) -> list:
+    """Give every method that takes a `name` the adapter name `name`."""
+    return [Step(s.method, s.options | {"name": name}) if "name" in REGISTRY[s.method].options else s for s in steps]
+
+
+def rename_tensor(key: str, old: str, new: str) -> str:
+    return re.sub(rf"(^|\.)({'|'.join(SLOTS)})\.{re.escape(old)}\.", rf"\1\2.{new}.", key)
+
+
+def save(model, prepared, folder: Path, base_model: str = "", extra: dict | None = None) -> None:
+    """Write config and tensors into `folder` (the caller makes it atomic)."""
+    from ..files import write_json
+
+    tensors = trained_tensors(model, prepared)
+    write_tensors(folder / TENSORS, tensors)
+    steps = saved_steps(prepared.steps)
+    write_json(folder / CONFIG, {
+        "format": "peftlab", "version": 1, "strategy": "/".join(map(str, steps)),
+        "architecture": model.config.model_type, "base_model": base_model,
+        "fingerprint": fingerprint(model, set(tensors) | _added_names(model)), **(extra or {}),
+    })
+
+
+def _added_names(model) -> set:
+    from ..components import where
+
+    return {n for n, w in where(model).items() if w.component == "added"}
+
+
+def load(model, folder: Path, name: str = "default", tokenizer=None):
+    """Apply the saved strategy to `model` under adapter name `name` and load its tensors."""
+    folder = Path(folder)
+    config = read_json(folder / CONFIG, required=("format", "strategy"), known=KNOWN)
+    if config["format"] != "peftlab":
+        raise UserError(f"{folder / CONFIG}: format is '{config['format']}', expected 'peftlab'")
+    if config.get("architecture") not in (None, model.config.model_type):
+        raise UserError(f"{folder}: made for a {config['architecture']} model, this base is {model.config.model_type}")
+    tensors = read_tensors(folder / TENSORS)
+    steps = parse_strategy(config["strategy"])
+    old = next((s.options.get("name", "default") for s in steps if "name" in REGISTRY[s.method].options), "default")
+    steps = renamed(steps, name)
+    prepared = prepare(model, "/".join(map(str, steps)), tokenizer)
+    tensors = {rename_tensor(k, old, name): v for k, v in tensors.items()}
+    added = _added_names(model)
+    check_fingerprint(model, config.get("fingerprint", {}), set(tensors) | added, folder)
+    params = dict(model.named_parameters())
+    expected = trained_tensors(model, prepared)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise UserError(f"{folder / TENSORS} lacks tensor {missing[0]}")
+    originals = model.__dict__.setdefault("_peftlab_originals", {})
+    for key, value in tensors.items():
+        if key not in params:
+            raise UserError(f"{folder}: tensor {key} has no place in this model; was it trained on another base?")
+        target = params[key]
+        if target.shape != value.shape:
+            raise UserError(f"{folder}: tensor {key} has shape {tuple(value.shape)}, the model has {tuple(target.shape)}")
+        with torch.no_grad():
+            if key not in added and key not in originals:
+                originals[key] = target.detach().clone()
+            target.copy_(value.to(target.dtype))
+    return prepared
