@@ -120,19 +120,20 @@ def generate(
 
     _positive(max_new_tokens=max_new_tokens)
     for a in adapter or []:
-        if not a.is_dir():
-            raise UserError(f"adapter folder not found: {a}")
+        artifacts.kind(a)
     loaded = models.load(model)
     if not adapter:
         print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
         return
     table = Table(show_lines=True)
-    table.add_column("adapter")
-    table.add_column("output")
+    table.add_column("adapter", overflow="fold")
+    table.add_column("output", overflow="fold")
+    table.add_row("(base)", prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
     for a in adapter:
         fresh = models.load(model)
         artifacts.load(fresh.model, a, tokenizer=fresh.tokenizer)
-        table.add_row(str(a), prompt + run(fresh, prompt, max_new_tokens, temperature, seed, chat))
+        label = f"{a.parent.name}/{a.name}" if a.name == "adapter" else a.name
+        table.add_row(label, prompt + run(fresh, prompt, max_new_tokens, temperature, seed, chat))
     out.print(table)
 
 

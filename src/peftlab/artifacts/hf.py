@@ -116,6 +116,9 @@ def spec_of(config: dict, where: Path) -> str:
         if isinstance(targets, str) and targets != "all-linear":
             options["target_regex"] = f"^({targets})$"
             options["targets"] = ()
+        elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
+            options["target_regex"] = r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + ")$"
+            options["targets"] = ()
         else:
             options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
         layers = config.get("layers_to_transform")

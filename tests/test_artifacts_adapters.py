@@ -1,0 +1,104 @@
+"""Many adapters on one base: switching, disabling, deleting, combining, per-row routing."""
+
+import pytest
+import torch
+
+from conftest import perturb, sample_ids
+from peftlab import load_model, prepare
+from peftlab.adapters import (active_names, adapter_names, combine, delete, disabled, enable_adapter_names_kwarg,
+                              per_row, set_active)
+from peftlab.artifacts import load, save
+from peftlab.errors import UserError
+
+
+def two_loras(tmp_path, ranks=(4, 4), specs=None):
+    """A base with LoRA adapters 'a' and 'b' loaded from files, plus their solo logits."""
+    ids = None
+    for i, name in enumerate("ab"):
+        m = load_model("tiny-llama")
+        spec = (specs or {}).get(name, f"lora:r={ranks[i]},targets=q_proj+v_proj+up_proj,seed={i}")
+        prepared = prepare(m.model, spec)
+        perturb(m.model, 0.1, seed=i + 5)
+        save(m.model, prepared, tmp_path / name)
+    base = load_model("tiny-llama")
+    ids = sample_ids(base, 3)
+    plain = base.model(input_ids=ids).logits
+    for name in "ab":
+        load(base.model, tmp_path / name, name=name)
+    return base, ids, plain
+
+
+def test_switch_disable_delete(tmp_path):
+    base, ids, plain = two_loras(tmp_path)
+    assert adapter_names(base.model) == ["a", "b"]
+    outs = {}
+    for name in "ab":
+        set_active(base.model, name)
+        assert active_names(base.model) == [name]
+        outs[name] = base.model(input_ids=ids).logits
+    assert not torch.allclose(outs["a"], outs["b"])
+    with disabled(base.model):
+        torch.testing.assert_close(base.model(input_ids=ids).logits, plain, atol=0, rtol=0)
+    torch.testing.assert_close(base.model(input_ids=ids).logits, outs["b"], atol=0, rtol=0)
+    delete(base.model, "b")
+    assert adapter_names(base.model) == ["a"]
+    set_active(base.model, "a")
+    torch.testing.assert_close(base.model(input_ids=ids).logits, outs["a"], atol=0, rtol=0)
+    with pytest.raises(UserError, match="no adapter named 'b'"):
+        set_active(base.model, "b")
+
+
+def deltas(model, name):
+    return {h: s[name].delta_weight() for h, _, s in __import__("peftlab.methods.attach", fromlist=["attached"]).attached(model, "lora")
+            if name in s}
+
+
+@pytest.mark.parametrize("how, ranks", [("cat", (4, 2)), ("linear", (4, 4)), ("svd", (4, 2))])
+def test_combinations_match_hand_computed_deltas(tmp_path, how, ranks):
+    base, ids, _ = two_loras(tmp_path, ranks)
+    da, db = deltas(base.model, "a"), deltas(base.model, "b")
+    combine(base.model, {"a": 0.7, "b": -0.3}, "ab", how=how, rank=3 if how == "svd" else None)
+    got = deltas(base.model, "ab")
+    from peftlab.methods.attach import attached
+
+    for host, _, slot in attached(base.model, "lora"):
+        exact = 0.7 * da[host] + -0.3 * db[host]
+        if how == "cat":
+            torch.testing.assert_close(got[host], exact, atol=1e-6, rtol=0)
+        elif how == "linear":
+            a, b = slot["a"], slot["b"]
+            ka, kb = (0.7 * a.scaling) ** 0.5, (0.3 * b.scaling) ** 0.5
+            hand = (ka * a.B - kb * b.B) @ (ka * a.A + kb * b.A)
+            torch.testing.assert_close(got[host], hand, atol=1e-6, rtol=0)
+        else:
+            U, S, Vh = torch.linalg.svd(exact)
+            torch.testing.assert_close(got[host], (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-5, rtol=0)
+    set_active(base.model, "ab")
+    assert torch.isfinite(base.model(input_ids=ids).logits).all()
+
+
+def test_linear_needs_equal_ranks(tmp_path):
+    base, _, _ = two_loras(tmp_path, (4, 2))
+    with pytest.raises(UserError, match="equal ranks"):
+        combine(base.model, {"a": 1, "b": 1}, "ab", how="linear")
+
+
+@pytest.mark.parametrize("second", ["lora", "adapter"])
+def test_per_row_adapters_equal_each_row_alone(tmp_path, second):
+    specs = {"b": "adapter:r=4,seed=1"} if second == "adapter" else None
+    base, ids, plain = two_loras(tmp_path, specs=specs)
+    ids = torch.stack([ids[0], ids[1].flip(0), ids[2]])
+    routing = ["a", "b", "__base__"]
+    alone = []
+    for i, name in enumerate(routing):
+        if name == "__base__":
+            with disabled(base.model):
+                alone.append(base.model(input_ids=ids[i : i + 1]).logits)
+        else:
+            set_active(base.model, name)
+            alone.append(base.model(input_ids=ids[i : i + 1]).logits)
+    with per_row(base.model, routing):
+        mixed = base.model(input_ids=ids).logits
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=0)
+    enable_adapter_names_kwarg(base.model)
+    torch.testing.assert_close(base.model(input_ids=ids, adapter_names=routing).logits, mixed, atol=0, rtol=0)
