@@ -31,7 +31,7 @@ def test_schedule_unfreezes_attention_at_its_step(text_file):
     q = dict(loaded.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     seen = []
 
-    def watch(step, record):
+    def watch(step, record, optimizer):
         seen.append((step, q.requires_grad, q.detach().clone()))
 
     start = q.detach().clone()

@@ -138,6 +138,41 @@ def generate(
 
 
 @app.command()
+def compare(
+    model: str = MODEL,
+    data: str = typer.Option(..., "--data", "-d"),
+    strategy: List[str] = typer.Option(..., "--strategy", "-s", help="repeat; S@LR trains S at its own learning rate"),
+    out_dir: Path = typer.Option(..., "--out", "-o"),
+    steps: int = typer.Option(50), batch_size: int = typer.Option(4), seq_len: int = typer.Option(128),
+    lr: float = typer.Option(1e-4), seed: int = typer.Option(0), dtype: str = typer.Option("fp32"),
+    device: str = typer.Option("auto"), grad_accum: int = typer.Option(1), eval_every: int = typer.Option(0),
+    warmup: float = typer.Option(0.1),
+    forget: str = typer.Option("auto", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
+    samples: int = typer.Option(3, help="seeded samples for the style metric"),
+    gen_tokens: int = typer.Option(48, help="tokens generated per sample"),
+    quiet: bool = typer.Option(False),
+):
+    """Train several strategies from identical weights on identical batches; write report.html."""
+    from . import data as data_mod, models, runtime
+    from .train import TrainConfig
+    from .workbench import compare as run_compare
+
+    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, samples=samples,
+              gen_tokens=gen_tokens)
+    runtime.check_dtype(dtype)
+    runtime.pick_device(device)
+    loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
+    data_mod.load_blocks(loaded, data, seq_len)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
+                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup)
+    summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
+                          samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print)
+    print((out_dir / "summary.md").read_text())
+    out.print(f"report: {(out_dir / 'report.html').resolve()}")
+    return summary
+
+
+@app.command()
 def merge(
     model: str = MODEL,
     adapter: Path = typer.Option(..., "--adapter", "-a", help="adapter folder (peft or peftlab format)"),

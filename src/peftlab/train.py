@@ -67,7 +67,8 @@ def held_out_loss(model, blocks, device, dtype, batch_size: int) -> float:
 def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on_step=None, show=True) -> list[dict]:
     """Train `model` (already prepared by a strategy) on `blocks`; return the metric records.
 
-    `on_step(step, record)` is called after every optimizer step, e.g. to measure weight change.
+    `on_step(step, record, optimizer)` is called after every optimizer step (before the record
+    is written), e.g. to measure weight change; it may add keys to `record`.
     """
     device = runtime.pick_device(cfg.device)
     dtype = runtime.check_dtype(cfg.dtype)
@@ -131,7 +132,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 if step % eval_every == 0 or step == cfg.steps:
                     record["eval_loss"] = evaluate()
                 if on_step:
-                    on_step(step, record)
+                    on_step(step, record, opt)
                 emit(record)
                 bar.update(record)
                 if out and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:

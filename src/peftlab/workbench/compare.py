@@ -1,0 +1,84 @@
+"""`compare`: several strategies from byte-identical weights on the same batches, side by side.
+
+Each strategy runs in a fresh process (`worker.py`), so its peak memory is its own and not
+the maximum of the whole comparison. Results land in DIR/strategies/<slug>/result.json; a
+rerun skips strategies whose result matches the same job, so an interrupted comparison
+resumes where it stopped.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import UserError
+from ..files import write_json
+from ..methods import parse_strategy
+from ..train import TrainConfig
+
+FORGET = {"moby-dick": "alice", "alice": "moby-dick"}
+
+
+def split_lr(entry: str, default_lr: float) -> tuple[str, float]:
+    """'lora:r=8@1e-3' -> ('lora:r=8', 0.001): a strategy may carry its own learning rate."""
+    spec, at, lr = entry.partition("@")
+    if not at:
+        return spec, default_lr
+    try:
+        return spec, float(lr)
+    except ValueError:
+        raise UserError(f"'{entry}': the learning rate after @ must be a number, e.g. lora:r=8@1e-3") from None
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec).strip("_")[:80] or "strategy"
+
+
+def compare(model: str, data: str, strategies: list, out: Path, config: TrainConfig, forget: str | None = "auto",
+            samples: int = 3, gen_tokens: int = 48, prompt_tokens: int = 16, show: bool = True, log=print) -> dict:
+    """Run every strategy (resuming finished ones), then write results.json, summary.md, report.html."""
+    from .report import write_report
+
+    if not strategies:
+        raise UserError("give at least one --strategy")
+    jobs = []
+    for entry in strategies:
+        spec, lr = split_lr(entry, config.lr)
+        parse_strategy(spec)  # fail fast, before any process starts
+        jobs.append((entry, spec, lr))
+    if len({slug(e) for e, _, _ in jobs}) != len(jobs):
+        raise UserError("the same strategy is listed twice")
+    forget = FORGET.get(data) if forget == "auto" else forget
+    out = Path(out)
+    results = []
+    for i, (entry, spec, lr) in enumerate(jobs, 1):
+        folder = out / "strategies" / slug(entry)
+        job = {"model": model, "data": data, "strategy": spec, "label": entry, "forget": forget,
+               "config": asdict(config) | {"lr": lr}, "samples": samples, "gen_tokens": gen_tokens,
+               "prompt_tokens": prompt_tokens, "show": show}
+        done = folder / "result.json"
+        if done.exists() and (folder / "job.json").exists() and json.loads((folder / "job.json").read_text()) == job:
+            log(f"[{i}/{len(jobs)}] {entry}: already done, reusing {done}")
+            results.append(json.loads(done.read_text()))
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        done.unlink(missing_ok=True)
+        write_json(folder / "job.json", job)
+        log(f"[{i}/{len(jobs)}] {entry}")
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        proc = subprocess.run([sys.executable, "-m", "peftlab.workbench.worker", str(folder / "job.json")],
+                              stderr=subprocess.PIPE, text=True, env=env)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            last = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise UserError(f"strategy '{entry}' failed: {last.removeprefix('peftlab: error: ')}")
+        results.append(json.loads(done.read_text()))
+    digests = {r["initial_weights_sha256"] for r in results}
+    summary = {"model": model, "data": data, "forget": forget, "strategies": results,
+               "identical_initial_weights": len(digests) == 1, "config": asdict(config)}
+    write_json(out / "results.json", summary)
+    write_report(summary, out)
+    return summary

@@ -1,0 +1,114 @@
+"""How much each trained weight matrix moves: ‖W_t − W_{t−1}‖_F every step, ‖W_t − W_0‖_F.
+
+The tracker must not distort the memory it helps to compare, so it keeps no copy of large
+base matrices:
+- base matrices: the step change is the update AdamW just applied, recomputed from its
+  moments, lr·m̂/(√v̂ + ε) (+ lr·λ·W for weight decay); the drift is taken once at the end
+  against a freshly loaded base (`final_drift`).
+- LoRA: the effective merged delta ΔW = s·BA is never built; its norms come from r×r Gram
+  matrices, ‖s₁B₁A₁ − s₀B₀A₀‖² = s₁²⟨B₁ᵀB₁, A₁A₁ᵀ⟩ + s₀²⟨B₀ᵀB₀, A₀A₀ᵀ⟩ − 2s₁s₀⟨B₁ᵀB₀, A₁A₀ᵀ⟩,
+  from copies of the small A and B only.
+- DoRA: the effective delta m ⊙ (W+sBA)/‖W+sBA‖ − W, built per step (DoRA targets are few).
+- every other added matrix (bottleneck W_down/W_up, prompt and prefix tables): plain copies.
+"""
+
+import time
+
+import torch
+
+from ..components import where
+from ..methods.attach import attached
+from ..methods.lora import SLOT, base_weight
+
+
+def _gram_dist(s1, B1, A1, s0, B0, A0) -> float:
+    """‖s1·B1A1 − s0·B0A0‖_F via r×r products, in float64 against cancellation."""
+    B1, A1, B0, A0 = (t.detach().double() for t in (B1, A1, B0, A0))
+    sq = (s1 * s1 * ((B1.T @ B1) * (A1 @ A1.T)).sum() + s0 * s0 * ((B0.T @ B0) * (A0 @ A0.T)).sum()
+          - 2 * s1 * s0 * ((B1.T @ B0) * (A1 @ A0.T)).sum())
+    return float(sq.clamp_min(0).sqrt())
+
+
+def _label(places, name: str) -> tuple:
+    w = places.get(name)
+    return (w.layer if w else None), name
+
+
+class WeightTracker:
+    """Call `step(optimizer)` after every optimizer step; read `steps` and `drift()`."""
+
+    def __init__(self, model, will_train: set):
+        self.model = model
+        places = where(model)
+        params = dict(model.named_parameters())
+        self.base = {n: params[n] for n in will_train if places[n].component != "added" and params[n].dim() == 2}
+        self.lora = []  # (label, delta, layer, A0, B0, s0, prevA, prevB, prev_eff)
+        lora_params = set()
+        for host_name, layer, slot in attached(model, SLOT):
+            for name, delta in slot.items():
+                if not delta.A.requires_grad:
+                    continue
+                lora_params.update(id(p) for p in delta.parameters())
+                A0, B0 = delta.A.detach().clone(), delta.B.detach().clone()
+                eff = self._dora_effective(delta, layer) if delta.magnitude is not None else None
+                self.lora.append([f"{host_name}.weight", delta, layer, A0, B0, A0, B0, eff, eff])
+        self.added = {n: (p, p.detach().clone(), p.detach().clone()) for n, p in params.items()
+                      if n in will_train and places[n].component == "added" and id(p) not in lora_params}
+        self.steps: dict[str, list] = {}  # matrix -> [‖W_t − W_{t−1}‖_F per step]
+        self._drift: dict[str, float] = {}
+        self.seconds = 0.0
+
+    @staticmethod
+    @torch.no_grad()
+    def _dora_effective(delta, layer) -> torch.Tensor:
+        w = base_weight(layer).float()
+        merged = w + delta.delta_weight().float()
+        return (delta.magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged - w
+
+    def _record(self, name, value):
+        self.steps.setdefault(name, []).append(value)
+
+    @torch.no_grad()
+    def step(self, optimizer) -> float:
+        """Record this step's changes; return the seconds it took."""
+        start = time.perf_counter()
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for name, p in self.base.items():
+            state = optimizer.state.get(p)
+            if not state or id(p) not in groups:
+                self._record(name, 0.0)
+                continue
+            g = groups[id(p)]
+            (b1, b2), eps, lr, wd = g["betas"], g["eps"], g["lr"], g["weight_decay"]
+            t = float(state["step"])
+            update = lr * (state["exp_avg"] / (1 - b1**t)) / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+            if wd:  # AdamW: W_t = (1 − lr·λ)·W_{t−1} − lr·u, so W_{t−1} = (W_t + lr·u) / (1 − lr·λ)
+                update = p.detach().float() - (p.detach().float() + update) / (1 - lr * wd)
+            self._record(name, float(torch.linalg.vector_norm(update)))
+        for entry in self.lora:
+            label, delta, layer, A0, B0, prevA, prevB, eff0, prev_eff = entry
+            if delta.magnitude is None:
+                s = delta.scaling
+                self._record(label, _gram_dist(s, delta.B, delta.A, s, prevB, prevA))
+                self._drift[label] = _gram_dist(s, delta.B, delta.A, s, B0, A0)
+            else:
+                eff = self._dora_effective(delta, layer)
+                self._record(label, float(torch.linalg.norm(eff - prev_eff)))
+                self._drift[label] = float(torch.linalg.norm(eff - eff0))
+                entry[8] = eff
+            entry[5], entry[6] = delta.A.detach().clone(), delta.B.detach().clone()
+        for name, (p, p0, prev) in self.added.items():
+            self._record(name, float(torch.linalg.norm(p.detach().float() - prev.float())))
+            self._drift[name] = float(torch.linalg.norm(p.detach().float() - p0.float()))
+            prev.copy_(p.detach())
+        dt = time.perf_counter() - start
+        self.seconds += dt
+        return dt
+
+    @torch.no_grad()
+    def final_drift(self, initial: dict) -> dict:
+        """‖W_T − W_0‖_F for every tracked matrix; `initial` maps base names to W_0."""
+        out = dict(self._drift)
+        for name, p in self.base.items():
+            out[name] = float(torch.linalg.norm(p.detach().float() - initial[name].float()))
+        return out
