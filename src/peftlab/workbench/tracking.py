@@ -53,7 +53,7 @@ class WeightTracker:
                 eff = self._dora_effective(delta, layer) if delta.magnitude is not None else None
                 self.lora.append([f"{host_name}.weight", delta, layer, A0, B0, A0, B0, eff, eff])
         self.added = {n: (p, p.detach().clone(), p.detach().clone()) for n, p in params.items()
-                      if n in will_train and places[n].component == "added" and id(p) not in lora_params}
+                      if n in will_train and places[n].component == "added" and p.dim() == 2 and id(p) not in lora_params}
         self.steps: dict[str, list] = {}  # matrix -> [‖W_t − W_{t−1}‖_F per step]
         self._drift: dict[str, float] = {}
         self.seconds = 0.0

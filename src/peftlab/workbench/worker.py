@@ -8,6 +8,7 @@ JOB.json names the model, data, strategy and training config; the worker writes
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -98,7 +99,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
         "forgetting": {"data": job.get("forget"), "before": before.get("forget_loss"), "after": after.get("forget_loss")},
         "samples": {"prompt": loaded.tokenizer.decode(prompt[0]), "before": before["sample"], "after": after["sample"]},
         "artifact_bytes": artifacts.size_on_disk(adapter), "artifact_format": artifacts.kind(adapter),
-        "hardware": runtime.hardware(device), "versions": runtime.versions(),
+        "hardware": runtime.hardware(device), "versions": runtime.versions(), "pid": os.getpid(),
     }
 
 
