@@ -173,6 +173,39 @@ def compare(
 
 
 @app.command()
+def bench(
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    data: str = typer.Option("moby-dick", "--data", "-d"),
+    config: Optional[List[str]] = typer.Option(None, "--config", "-c", help="configurations (default: all)"),
+    precision: Optional[List[str]] = typer.Option(None, help="fp32 and/or bf16 (default: both)"),
+    steps: int = typer.Option(5, help="timed steps per run"), warmup: int = typer.Option(2),
+    repeats: int = typer.Option(2, help="alternating rounds"), batch_size: int = typer.Option(4),
+    seq_len: int = typer.Option(256), out_file: Optional[Path] = typer.Option(None, "--out", help="write RESULTS.md here"),
+):
+    """peftlab against HF peft + transformers on the same model, batches and config; ratios, not lone times."""
+    from .bench import CONFIGS, markdown, run_bench, write_results
+    from .bench.inference import inference_latency
+
+    _positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
+    for c in config or []:
+        if c not in CONFIGS:
+            raise UserError(f"unknown bench config '{c}'; known: {', '.join(CONFIGS)}")
+    for p in precision or []:
+        if p not in ("fp32", "bf16"):
+            raise UserError(f"--precision must be fp32 or bf16, got '{p}'")
+    from . import data as data_mod, models
+
+    data_mod.load_blocks(models.load(model), data, seq_len)  # fail fast on a missing asset
+    result = run_bench(model, data, config, tuple(precision or ("fp32", "bf16")), steps, warmup, repeats, batch_size,
+                       seq_len, log=out.print)
+    result["inference"] = inference_latency(model, seq_len)
+    print(markdown(result))
+    if out_file:
+        write_results(result, out_file)
+        out.print(f"written: {out_file}")
+
+
+@app.command()
 def merge(
     model: str = MODEL,
     adapter: Path = typer.Option(..., "--adapter", "-a", help="adapter folder (peft or peftlab format)"),

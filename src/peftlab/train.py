@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .loss import causal_lm_loss
 from .methods import trainable_parameters
 from .progress import Progress
 
@@ -32,9 +33,10 @@ class TrainConfig:
     dtype: str = "fp32"
     device: str = "auto"
     seed: int = 0
-    eval_every: int = 0  # 0: five evaluations over the run
+    eval_every: int = 0  # 0: five evaluations over the run; < 0: none (benchmarks)
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
+    chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -46,8 +48,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def batch_loss(model, ids, labels, chunked: bool = True) -> torch.Tensor:
+    """Mean next-token loss of one batch, chunked (loss.py) or through transformers' own head."""
+    if chunked:
+        return causal_lm_loss(model, ids, labels)
+    return model(input_ids=ids, labels=labels).loss
+
+
 @torch.no_grad()
-def held_out_loss(model, blocks, device, dtype, batch_size: int) -> float:
+def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True) -> float:
     """Mean token loss over all held-out blocks."""
     was_training = model.training
     model.eval()
@@ -56,7 +65,7 @@ def held_out_loss(model, blocks, device, dtype, batch_size: int) -> float:
         ids = blocks.held_ids[i : i + batch_size].to(device)
         labels = blocks.held_labels[i : i + batch_size].to(device)
         with runtime.autocast(device, dtype):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = batch_loss(model, ids, labels, chunked)
         n = int((labels[:, 1:] != -100).sum())
         total += float(loss) * n
         count += n
@@ -92,9 +101,10 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
             log.flush()
 
     def evaluate():
-        return held_out_loss(model, blocks, device, dtype, cfg.batch_size)
+        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, cfg.chunked_loss)
 
-    emit({"step": 0, "eval_loss": evaluate()})
+    if eval_every > 0:
+        emit({"step": 0, "eval_loss": evaluate()})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
@@ -110,7 +120,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 for _ in range(cfg.grad_accum):
                     ids, labels = next(batches)
                     with runtime.autocast(device, dtype):
-                        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss / cfg.grad_accum
+                        loss = batch_loss(model, ids.to(device), labels.to(device), cfg.chunked_loss) / cfg.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
                 trainable = [p for g in opt.param_groups for p in g["params"]]
@@ -129,7 +139,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     "tokens_per_s": tokens_per_step / dt,
                     "peak_mem": runtime.peak_memory(device),
                 }
-                if step % eval_every == 0 or step == cfg.steps:
+                if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
                     record["eval_loss"] = evaluate()
                 if on_step:
                     on_step(step, record, opt)

@@ -77,6 +77,7 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     res = summary["strategies"]
     color = {r["label"]: COLORS[i % len(COLORS)] for i, r in enumerate(res)}
@@ -127,7 +128,9 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
         rows_ = sorted({k[0] for k in cells}, key=lambda v: (isinstance(v, str), v))
         cols = sorted({k[1] for k in cells})
         grid = [[cells.get((ro, c), math.nan) for c in cols] for ro in rows_]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        finite = [v for row in grid for v in row if v == v and v > 0]
+        scale = LogNorm(min(finite), max(finite)) if finite and max(finite) > 10 * min(finite) else None
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=scale)  # log colours when values span decades
         ax.set_yticks(range(len(rows_)), [str(v) for v in rows_], fontsize=6)
         ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
         ax.set_title(r["label"], fontsize=9)

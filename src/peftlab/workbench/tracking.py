@@ -54,6 +54,7 @@ class WeightTracker:
                 self.lora.append([f"{host_name}.weight", delta, layer, A0, B0, A0, B0, eff, eff])
         self.added = {n: (p, p.detach().clone(), p.detach().clone()) for n, p in params.items()
                       if n in will_train and places[n].component == "added" and p.dim() == 2 and id(p) not in lora_params}
+        self._buffer = torch.empty(max((p.numel() for p in self.base.values()), default=0))  # reused scratch
         self.steps: dict[str, list] = {}  # matrix -> [‖W_t − W_{t−1}‖_F per step]
         self._drift: dict[str, float] = {}
         self.seconds = 0.0
@@ -81,10 +82,15 @@ class WeightTracker:
             g = groups[id(p)]
             (b1, b2), eps, lr, wd = g["betas"], g["eps"], g["lr"], g["weight_decay"]
             t = float(state["step"])
-            update = lr * (state["exp_avg"] / (1 - b1**t)) / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
-            if wd:  # AdamW: W_t = (1 − lr·λ)·W_{t−1} − lr·u, so W_{t−1} = (W_t + lr·u) / (1 − lr·λ)
-                update = p.detach().float() - (p.detach().float() + update) / (1 - lr * wd)
-            self._record(name, float(torch.linalg.vector_norm(update)))
+            # u = lr · (m / (1−β1^t)) / (√(v / (1−β2^t)) + ε), built in place in one reused buffer
+            u = self._buffer[: p.numel()].view_as(p)
+            torch.sqrt(state["exp_avg_sq"], out=u)
+            u.mul_((1 - b2**t) ** -0.5).add_(eps)
+            torch.div(state["exp_avg"], u, out=u)
+            u.mul_(lr / (1 - b1**t))
+            if wd:  # AdamW: W_t = (1 − lr·λ)·W_{t−1} − lr·u, so W_t − W_{t−1} = −(lr·λ·W_t + u) / (1 − lr·λ)
+                u.add_(p.detach(), alpha=lr * wd).div_(1 - lr * wd)
+            self._record(name, float(torch.linalg.vector_norm(u)))
         for entry in self.lora:
             label, delta, layer, A0, B0, prevA, prevB, eff0, prev_eff = entry
             if delta.magnitude is None:

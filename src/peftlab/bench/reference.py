@@ -1,0 +1,52 @@
+"""The reference side of the benchmark: HF peft (or plain transformers for methods peft has
+no class for) with the training loop a peft user writes, at the best settings they would pick:
+fp32; bf16 autocast over an fp32 model; or the whole model loaded in bf16."""
+
+import torch
+
+from ..components import matches, where
+
+
+def build(model, setup: dict, mode: str):
+    """Wrap or freeze `model` like a peft user would; `mode` is fp32 | autocast | bf16-model."""
+    if mode == "bf16-model":
+        model = model.to(torch.bfloat16)
+    kind = setup["peft"]
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        fan = model.config.model_type == "gpt2"
+        model = get_peft_model(model, LoraConfig(r=setup["r"], lora_alpha=setup["alpha"], target_modules=setup["targets"],
+                                                 use_dora=setup.get("dora", False), lora_dropout=0.0, fan_in_fan_out=fan,
+                                                 task_type="CAUSAL_LM"))
+    elif kind == "prompt":
+        from peft import PromptTuningConfig, get_peft_model
+
+        model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=setup["tokens"]))
+    else:  # transformers alone: requires_grad by hand
+        places = where(model)
+        wanted = setup["train"].split("+")
+        for name, p in model.named_parameters():
+            p.requires_grad_(setup["train"] == "all" or any(matches(places[name], c) for c in wanted))
+    return model
+
+
+def train_steps(model, batches, steps: int, mode: str, lr: float = 1e-4) -> list[float]:
+    """AdamW over the trainable parameters, clip 1.0; the wall time of every step."""
+    import time
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    times = []
+    for _ in range(steps):
+        ids, labels = next(batches)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times

@@ -1,0 +1,56 @@
+"""One benchmark measurement in its own process (so peak memory is its own).
+
+    python -m peftlab.bench.worker '{"impl": "peftlab", "config": "lora-r8-qv", "mode": "bf16", ...}'
+
+Prints one JSON line: median step time, tokens/s, peak memory, and the ceiling inputs.
+"""
+
+import json
+import resource
+import statistics
+import sys
+
+import torch
+
+from .. import data, models
+from ..methods import prepare
+from ..train import TrainConfig, train
+from . import ceiling, reference
+from .configs import CONFIGS
+
+
+def measure(job: dict) -> dict:
+    torch.manual_seed(0)
+    loaded = models.load(job["model"])
+    blocks = data.load_blocks(loaded, job["data"], job["seq_len"])
+    spec, setup = CONFIGS[job["config"]]
+    steps = job["warmup"] + job["steps"]
+    if job["impl"] == "peftlab":
+        prepared = prepare(loaded.model, spec, loaded.tokenizer)
+        model = loaded.model
+        cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0,
+                          eval_every=-1, dtype="bf16" if job["mode"] == "bf16" else "fp32", device="cpu")
+        records = train(model, blocks, prepared, cfg, show=False)
+        times = [r["step_time"] for r in records if "step_time" in r]
+    else:
+        model = reference.build(loaded.model, setup, job["mode"])
+        times = reference.train_steps(model, blocks.batches(job["batch_size"], 0), steps, job["mode"])
+    times = times[job["warmup"]:]
+    tokens = job["batch_size"] * job["seq_len"]
+    step = statistics.median(times)
+    return {
+        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_matmul": ceiling.trainable_matmul_params(model),
+        "flops_per_token": ceiling.flops_per_token(loaded.model, ceiling.trainable_matmul_params(model), job["seq_len"]),
+    }
+
+
+def main() -> int:
+    job = json.loads(sys.argv[1])
+    print(json.dumps(job | measure(job)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
