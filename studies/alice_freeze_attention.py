@@ -10,4 +10,4 @@ state, time per step, loss, and forgetting measured on Moby-Dick.
 from common import run_study
 
 if __name__ == "__main__":
-    run_study("alice_freeze_attention", "alice", ["full", "freeze-attention"], steps=60)
+    run_study("alice_freeze_attention", "alice", ["full", "freeze-attention"], steps=40)

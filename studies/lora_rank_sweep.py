@@ -18,4 +18,4 @@ if __name__ == "__main__":
         "adapter:r=8@1e-3",           # 562,080: about LoRA r=10
         "bitfit:norms=true@1e-3",     # 35,136: about LoRA r=0.6
     ]
-    run_study("lora_rank_sweep", "moby-dick", strategies, steps=40)
+    run_study("lora_rank_sweep", "moby-dick", strategies, steps=25, samples=3)

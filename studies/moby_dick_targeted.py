@@ -10,4 +10,4 @@ share of generated tokens among the corpus's 100 most frequent tokens, before an
 from common import run_study
 
 if __name__ == "__main__":
-    run_study("moby_dick_targeted", "moby-dick", ["full", "targeted-qkv:from_layer=6"], steps=60)
+    run_study("moby_dick_targeted", "moby-dick", ["full", "targeted-qkv:from_layer=6"], steps=40)
