@@ -14,8 +14,8 @@ from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option
 from . import register
-from .attach import ROWS, active, attach
-from .virtual import MARK, call_inputs, compute_dtype, is_fresh, shift
+from .attach import attach
+from .virtual import MARK, the_active, call_inputs, compute_dtype, is_fresh, shift
 
 SLOT = "prefix"
 
@@ -77,12 +77,9 @@ def read_only_cache(config):
 
 
 def prefix_hook(model, args, kwargs):
-    live = active(model._modules[SLOT])
-    if ROWS.get() is not None and model._modules[SLOT]:
-        raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {SLOT} tuning")
-    if not live:
+    prefix = the_active(model, SLOT)
+    if prefix is None:
         return args, kwargs
-    prefix = live[0]
     args, batch, length, device = call_inputs(args, kwargs)
     cache = kwargs.get("past_key_values")
     if is_fresh(kwargs):

@@ -11,8 +11,8 @@ import torch.nn as nn
 from ..errors import UserError
 from ..spec import Option
 from . import register
-from .attach import ROWS, active, attach
-from .virtual import MARK, call_inputs, is_fresh, shift
+from .attach import attach
+from .virtual import MARK, the_active, call_inputs, is_fresh, shift
 
 SLOT = "prompt"
 
@@ -32,12 +32,9 @@ class PromptEmbedding(nn.Module):
 
 
 def prompt_hook(model, args, kwargs):
-    live = active(model._modules[SLOT])
-    if ROWS.get() is not None and model._modules[SLOT]:
-        raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {SLOT} tuning")
-    if not live:
+    prompt = the_active(model, SLOT)
+    if prompt is None:
         return args, kwargs
-    prompt = live[0]
     k = prompt.weight.shape[0]
     args, batch, length, device = call_inputs(args, kwargs)
     cache = kwargs.get("past_key_values")

@@ -8,7 +8,19 @@ call on a cache that carries virtual tokens is shifted by k.
 
 import torch
 
+from ..errors import UserError
+from .attach import ROWS, active
+
 MARK = "_peftlab_virtual"  # attribute on a cache object: how many virtual tokens it holds
+
+
+def the_active(model, slot: str):
+    """The one active virtual-token module in `model.<slot>`, or None."""
+    children = model._modules[slot]
+    if ROWS.get() is not None and children:
+        raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {slot} tuning")
+    live = active(children)
+    return live[0] if live else None
 
 
 def call_inputs(args, kwargs):
