@@ -93,3 +93,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, text_file, tmp_pat
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert says in err
     assert not out.exists()
+
+
+def test_checkpoints_are_written_during_training(cli, text_file, tmp_path):
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=4", "--steps", 4, "--seq-len", 32,
+                       "--checkpoint-every", 2, "-o", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "run" / "checkpoint" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()

@@ -66,3 +66,13 @@ def test_qlora_stores_the_base_in_few_bits_and_trains(bits, at_most, text_file):
 def test_qlora_refuses_conv1d():
     with pytest.raises(UserError, match="Conv1D"):
         prepare(load_model("tiny-gpt2").model, "qlora")
+
+
+def test_qlora_generates_deterministically():
+    from conftest import perturb
+    from peftlab.generate import generate
+
+    loaded = load_model("tiny-llama")
+    prepare(loaded.model, "qlora:bits=4,r=4")
+    perturb(loaded.model, 0.05)
+    assert generate(loaded, "Call me", max_new_tokens=6) == generate(loaded, "Call me", max_new_tokens=6)

@@ -56,7 +56,8 @@ def test_greedy_generation_is_deterministic_and_uses_the_cache_correctly(arch, s
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("spec", ["full", "lora:r=4", "dora:r=4", "adapter:r=8", "prefix:tokens=4", "prompt:tokens=4", "freeze-attention"])
+@pytest.mark.parametrize("spec", ["full", "lora:r=4", "dora:r=4", "adapter:r=8", "prefix:tokens=4", "prompt:tokens=4", "freeze-attention",
+                                  "bitfit:norms=true"])
 def test_gradient_checkpointing_gives_the_same_gradients(arch, spec):
     grads = []
     for checkpointing in (False, True):
