@@ -125,6 +125,11 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
         cells = {}
         for name, value in drift.items():
             cells[_cell(name)] = value
+        if not cells:  # e.g. bitfit: only vectors train
+            ax.text(0.5, 0.5, "no trained matrices\n(vectors only)", ha="center", va="center")
+            ax.set_title(r["label"], fontsize=9)
+            ax.set_axis_off()
+            continue
         rows_ = sorted({k[0] for k in cells}, key=lambda v: (isinstance(v, str), v))
         cols = sorted({k[1] for k in cells})
         grid = [[cells.get((ro, c), math.nan) for c in cols] for ro in rows_]
