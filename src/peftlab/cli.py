@@ -71,7 +71,6 @@ def train(
     eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
     checkpoint_every: int = typer.Option(0, help="save the adapter every N steps (0: only at the end)"),
     grad_checkpoint: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile each block (faster steps after a slow first one)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
@@ -82,7 +81,7 @@ def train(
     _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
-                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint, compile=compile)
+                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint)
     runtime.check_dtype(dtype)
     dev = runtime.pick_device(device)
     methods.parse_strategy(strategy)

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from . import runtime
-from .components import blocks as blocks_of
 from .loss import causal_lm_loss
 from .methods import trainable_parameters
 from .progress import Progress
@@ -38,7 +37,6 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
-    compile: bool = False  # torch.compile each decoder block (fuses the elementwise work; slow first step)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -88,9 +86,6 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
-    if cfg.compile:
-        for block in blocks_of(model):
-            block.compile(dynamic=False)
     model.train()
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
