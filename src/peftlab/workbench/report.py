@@ -80,7 +80,8 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
     from matplotlib.colors import LogNorm
 
     res = summary["strategies"]
-    color = {r["label"]: COLORS[i % len(COLORS)] for i, r in enumerate(res)}
+    palette = COLORS if len(res) <= len(COLORS) else [plt.cm.tab20(i % 20) for i in range(len(res))]
+    color = {r["label"]: palette[i % len(palette)] for i, r in enumerate(res)}
     figs = []
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
@@ -103,7 +104,7 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
     x = range(len(res))
     ax.bar([i - 0.2 for i in x], [r["peak_memory_bytes"] / 1e6 for r in res], 0.4, label=f"peak ({res[0]['memory_kind']})")
     ax.bar([i + 0.2 for i in x], [r["optimizer_state_bytes"] / 1e6 for r in res], 0.4, label="optimizer state")
-    ax.set_xticks(list(x), [r["label"] for r in res], fontsize=8)
+    ax.set_xticks(list(x), [r["label"] for r in res], fontsize=8, rotation=30, ha="right")
     ax.set(title="memory (each strategy in its own process)", ylabel="MB")
     ax.legend(fontsize=8)
     figs.append(("fig-memory", "Peak memory and optimizer-state bytes", _png(fig)))
@@ -119,8 +120,12 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
     figs.append(("fig-pareto", "Trainable % against final held-out loss", _png(fig)))
 
     n = len(res)
-    fig, axes = plt.subplots(1, n, figsize=(max(4.5 * n, 6), 5), squeeze=False)
-    for ax, r in zip(axes[0], res):
+    per_row = min(n, 4)  # heatmaps in rows of four, so each stays readable
+    nrows = -(-n // per_row)
+    fig, axes = plt.subplots(nrows, per_row, figsize=(4.5 * per_row, 5 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    for ax, r in zip(axes.flat, res):
         drift = r["weight_change"]["drift"]
         cells = {}
         for name, value in drift.items():
@@ -160,8 +165,8 @@ def figures(summary: dict) -> list[tuple[str, str, str]]:
               yerr=[r["style"][label]["std"] for r in res], capsize=3, label=label)
         if res[0]["forgetting"]["before"] is not None:
             b.bar([i + (k - 0.5) * 0.4 for i in x], [r["forgetting"][label] for r in res], 0.4, label=label)
-    a.set_xticks(list(x), [r["label"] for r in res], fontsize=8)
-    b.set_xticks(list(x), [r["label"] for r in res], fontsize=8)
+    a.set_xticks(list(x), [r["label"] for r in res], fontsize=8, rotation=30, ha="right")
+    b.set_xticks(list(x), [r["label"] for r in res], fontsize=8, rotation=30, ha="right")
     a.set(title="style: share of generated tokens in the corpus top-100", ylabel="p (mean ± std)")
     b.set(title=f"forgetting: loss on {res[0]['forgetting']['data'] or '— (no unrelated text)'}", ylabel="loss")
     a.legend(fontsize=8)
