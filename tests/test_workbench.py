@@ -1,6 +1,5 @@
 """The comparison workbench: exact weight-change tracking, resumable runs, the report."""
 
-import json
 import shutil
 import subprocess
 
@@ -127,4 +126,3 @@ def test_report_renders_in_headless_chromium(tmp_path, text_file):
     subprocess.run([browser, *flags, "--window-size=1300,2400", f"--screenshot={shot}", page], capture_output=True,
                    timeout=120)
     assert shot.exists() and shot.stat().st_size > 50_000
-    json.dumps({"screenshot": str(shot)})

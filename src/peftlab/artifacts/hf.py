@@ -145,7 +145,6 @@ def load(model, folder: Path, name: str = "default"):
     spec = spec_of(config, folder / CONFIG)
     spec = spec.replace(":", f":name={name},", 1) if ":" in spec else f"{spec}:name={name}"
     prepared = prepare(model, spec)
-    params = dict(model.named_parameters())
     if config["peft_type"] == "LORA":
         wanted = {}
         for host, delta in _lora_hosts(model, name).items():
@@ -169,5 +168,4 @@ def load(model, folder: Path, name: str = "default"):
     extra = sorted(set(tensors) - set(wanted))
     if extra:
         raise UserError(f"{folder / TENSORS}: tensor {extra[0]} has no place in this model; was it trained on another base?")
-    del params
     return prepared
