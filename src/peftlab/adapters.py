@@ -78,24 +78,23 @@ def delete(model, name: str) -> None:
 def per_row(model, names: list):
     """Route batch row i through adapter names[i] (`__base__` or None: no adapter)."""
     _known(model, [n for n in names if n not in (None, BASE)])
-    token = ROWS.set([BASE if n is None else n for n in names])
+    previous = ROWS.swap([BASE if n is None else n for n in names])
     try:
         yield model
     finally:
-        ROWS.reset(token)
+        ROWS.swap(previous)
 
 
 def _route_kwarg(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is not None:
-        model.__dict__["_peftlab_rows_token"] = ROWS.set([BASE if n is None else n for n in names])
+        model.__dict__["_peftlab_rows_before"] = ROWS.swap([BASE if n is None else n for n in names])
     return args, kwargs
 
 
 def _unroute(model, args, output):
-    token = model.__dict__.pop("_peftlab_rows_token", None)
-    if token is not None:
-        ROWS.reset(token)
+    if "_peftlab_rows_before" in model.__dict__:
+        ROWS.swap(model.__dict__.pop("_peftlab_rows_before"))
     return output
 
 

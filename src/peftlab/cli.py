@@ -71,6 +71,7 @@ def train(
     eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
     checkpoint_every: int = typer.Option(0, help="save the adapter every N steps (0: only at the end)"),
     grad_checkpoint: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
@@ -81,7 +82,7 @@ def train(
     _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
-                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint)
+                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint, compile=compile)
     runtime.check_dtype(dtype)
     dev = runtime.pick_device(device)
     methods.parse_strategy(strategy)
@@ -150,6 +151,7 @@ def compare(
     forget: str = typer.Option("auto", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, help="tokens generated per sample"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks in every run"),
     quiet: bool = typer.Option(False),
 ):
     """Train several strategies from identical weights on identical batches; write report.html."""
@@ -164,7 +166,7 @@ def compare(
     loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
     data_mod.load_blocks(loaded, data, seq_len)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
-                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup)
+                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, compile=compile)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                           samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print)
     print((out_dir / "summary.md").read_text())

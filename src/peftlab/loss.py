@@ -1,25 +1,76 @@
-"""Causal-LM loss without the full (B, T, V) logits.
+"""Causal-LM loss without the (B, T, V) logits, and without recomputing them in backward.
 
 transformers computes logits for every position, upcasts them to fp32 and keeps them for
 backward: for SmolLM2 at batch 4 × 256 that is 4·256·49152 floats, 200 MB, plus its
-gradient. Here the model runs up to its last hidden state (the lm_head sees one position),
-then the loss is taken over chunks of positions; each chunk's logits are recomputed in
-backward instead of stored, and positions whose label is -100 never reach the lm_head.
+gradient. Here the model runs up to its last hidden state (the lm_head sees no position);
+then, one chunk of positions at a time, the loss *and its gradient* are taken in the forward
+pass (softmax − one-hot is the gradient of cross-entropy with respect to the logits), so
+only the (n, d) gradient of the hidden states, and the (V, d) gradient of the head when it
+trains, outlive a chunk. Backward merely scales them. Positions whose label is -100 never
+reach the lm_head.
 """
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
 
-def _chunk_loss(hidden, weight, targets, softcap):
-    # hidden: (n, d), weight: (V, d), targets: (n,) -> summed token loss
-    logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+def _chunk(h, w, targets, softcap):
+    """Summed loss of one chunk and d(loss)/d(logits). h: (c, d), w: (V, d), targets: (c,)."""
+    logits = F.linear(h, w).float()  # (c, V) fp32
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    rows = torch.arange(len(targets), device=h.device)
+    loss = (lse - logits[rows, targets]).sum()
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+    grad[rows, targets] -= 1
+    if softcap:
+        grad.mul_(1 - capped.square_())  # d(softcap·tanh(z/softcap))/dz
+    return loss, grad
+
+
+_compiled_chunk = None
+
+
+def compiled_chunk():
+    """`_chunk` fused by torch.compile: one or two passes over the (c, V) logits instead of five."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk, dynamic=True)
+    return _compiled_chunk
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i Wᵀ, t_i) for h (n, d), W (V, d); gradients computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, chunk, fused=False):
+        w = weight.to(h.dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, len(targets), chunk):
+            part = slice(i, i + chunk)
+            loss, grad = (compiled_chunk() if fused else _chunk)(h[part], w, targets[part], softcap)
+            total += loss
+            if want_h or want_w:
+                grad = grad.to(h.dtype)
+                if want_h:
+                    torch.mm(grad, w, out=grad_h[part])  # (c, V) @ (V, d)
+                if want_w:  # (V, c) @ (c, d) in the compute dtype, summed in fp32 (as autocast does)
+                    grad_w += grad.t() @ h[part]
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None)
 
 
 def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -31,15 +82,19 @@ def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
     handle = model.base_model.register_forward_hook(grab)
+    # An empty index list: the head runs on no position. (logits_to_keep=1 slices a
+    # non-contiguous (B, 1, d) view, which F.linear turns into a bmm over B copies of W.)
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     try:
-        model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        model(input_ids=input_ids, logits_to_keep=none, use_cache=False)
     finally:
         handle.remove()
     return captured[-1]
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100 (as transformers)."""
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 256, fused: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (as transformers).
+    `fused`: run the per-chunk softmax through torch.compile."""
     h = hidden_states(model, input_ids)
     k = h.shape[1] - input_ids.shape[1]
     if k > 0:  # the last virtual position predicts the first real token (as transformers and peft)
@@ -51,8 +106,6 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     targets = targets[keep]
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(targets), chunk):
-        args = (h[i : i + chunk], weight, targets[i : i + chunk], softcap)
-        total = total + (checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args))
+    with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen explicitly above
+        total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused)
     return total / keep.sum().clamp_min(1)

@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
+    compile: bool = False  # torch.compile each decoder block and the loss (first step slower)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -48,15 +49,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def batch_loss(model, ids, labels, chunked: bool = True) -> torch.Tensor:
+def batch_loss(model, ids, labels, chunked: bool = True, fused: bool = False) -> torch.Tensor:
     """Mean next-token loss of one batch, chunked (loss.py) or through transformers' own head."""
     if chunked:
-        return causal_lm_loss(model, ids, labels)
+        return causal_lm_loss(model, ids, labels, fused=fused)
     return model(input_ids=ids, labels=labels).loss
 
 
 @torch.no_grad()
-def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True) -> float:
+def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True, fused: bool = False) -> float:
     """Mean token loss over all held-out blocks."""
     was_training = model.training
     model.eval()
@@ -65,7 +66,7 @@ def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool =
         ids = blocks.held_ids[i : i + batch_size].to(device)
         labels = blocks.held_labels[i : i + batch_size].to(device)
         with runtime.autocast(device, dtype):
-            loss = batch_loss(model, ids, labels, chunked)
+            loss = batch_loss(model, ids, labels, chunked, fused)
         n = int((labels[:, 1:] != -100).sum())
         total += float(loss) * n
         count += n
@@ -86,6 +87,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
+    compiled = runtime.compile_blocks(model) if cfg.compile else []
     model.train()
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
@@ -101,7 +103,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
             log.flush()
 
     def evaluate():
-        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, cfg.chunked_loss)
+        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, cfg.chunked_loss, cfg.compile)
 
     if eval_every > 0:
         emit({"step": 0, "eval_loss": evaluate()})
@@ -120,7 +122,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 for _ in range(cfg.grad_accum):
                     ids, labels = next(batches)
                     with runtime.autocast(device, dtype):
-                        loss = batch_loss(model, ids.to(device), labels.to(device), cfg.chunked_loss) / cfg.grad_accum
+                        loss = batch_loss(model, ids.to(device), labels.to(device), cfg.chunked_loss, cfg.compile) / cfg.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
                 trainable = [p for g in opt.param_groups for p in g["params"]]
@@ -152,6 +154,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     finally:
         if log:
             log.close()
+        runtime.uncompile_blocks(compiled)
     model.eval()
     return records
 

@@ -4,8 +4,6 @@ saves as a plain transformers model), and several named adapters can sit on one 
 """
 
 import re
-from contextvars import ContextVar
-
 import torch
 import torch.nn as nn
 
@@ -59,8 +57,20 @@ def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
             handle.remove()
 
 
-# Per-row routing: ROWS holds one adapter name per batch row while a routed call runs.
-ROWS: ContextVar = ContextVar("peftlab_rows", default=None)
+class ROWS:
+    """Per-row routing: `names` holds one adapter name per batch row while a routed call runs.
+
+    A plain class attribute rather than a ContextVar so that torch.compile reads it without a
+    graph break; the price is one routing per process at a time (route from one thread).
+    """
+
+    names = None
+
+    @classmethod
+    def swap(cls, names):
+        """Set the routing (None: off) and return the one it replaces."""
+        previous, cls.names = cls.names, names
+        return previous
 
 
 def active(children: nn.ModuleDict):
@@ -74,7 +84,7 @@ def apply(children: nn.ModuleDict, out: torch.Tensor, run) -> torch.Tensor:
     `rows` is None (the whole batch) or a list of row indices; `run` returns the new output for
     those rows. Rows routed to no adapter keep the base output.
     """
-    rows = ROWS.get()
+    rows = ROWS.names
     if rows is None:
         for child in active(children):
             out = run(child, None, out)

@@ -60,7 +60,7 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
                "config": asdict(config) | {"lr": lr}, "samples": samples, "gen_tokens": gen_tokens,
                "prompt_tokens": prompt_tokens, "show": show}
         done = folder / "result.json"
-        if done.exists() and (folder / "job.json").exists() and json.loads((folder / "job.json").read_text()) == job:
+        if done.exists() and (folder / "job.json").exists() and _same_job(json.loads((folder / "job.json").read_text()), job):
             log(f"[{i}/{len(jobs)}] {entry}: already done, reusing {done}")
             results.append(json.loads(done.read_text()))
             continue
@@ -82,3 +82,10 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
     write_json(out / "results.json", summary)
     write_report(summary, out)
     return summary
+
+
+def _same_job(saved: dict, job: dict) -> bool:
+    """Equal jobs, where a training option added since `saved` was written counts at its default."""
+    if isinstance(saved.get("config"), dict):
+        saved = saved | {"config": asdict(TrainConfig()) | saved["config"]}
+    return saved == job

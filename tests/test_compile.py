@@ -1,0 +1,38 @@
+"""--compile: the same training, step for step, as eager; blocks are eager again afterwards."""
+
+import pytest
+import torch
+
+from peftlab import data, models, runtime
+from peftlab.errors import UserError
+from peftlab.methods import prepare, trainable_parameters
+from peftlab.train import TrainConfig, train
+
+
+def _run(spec, text_file, compile):
+    loaded = models.load("tiny-llama", seed=0)
+    blocks = data.load_blocks(loaded, str(text_file), 32)
+    prepared = prepare(loaded.model, spec, loaded.tokenizer)
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_every=3, device="cpu", compile=compile)
+    records = train(loaded.model, blocks, prepared, cfg, show=False)
+    return loaded.model, records
+
+
+@pytest.mark.parametrize("spec", ["lora:r=4,targets=all-linear", "dora:r=4", "adapter:r=4/bitfit:norms=true"])
+def test_compiled_training_matches_eager(spec, text_file):
+    eager, eager_records = _run(spec, text_file, False)
+    fused, fused_records = _run(spec, text_file, True)
+    for a, b in zip(eager_records, fused_records):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
+    theirs = trainable_parameters(fused)
+    for name, p in trainable_parameters(eager).items():
+        torch.testing.assert_close(theirs[name], p, atol=1e-4, rtol=1e-3, msg=name)
+    assert all(block._compiled_call_impl is None for block in fused.model.layers)  # eager again
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        runtime.compile_blocks(models.load("tiny-llama").model)
