@@ -90,13 +90,15 @@ def enable_checkpointing(model) -> None:
             m.gradient_checkpointing = False
 
 
-def compile_blocks(model) -> list:
+def compile_blocks(model):
     """torch.compile each decoder block in place (its hooks, so every method's modules, included).
 
     Blocks are where the elementwise work is (norms, rotary, gated MLP, residual adds); fused,
     it runs faster and keeps fewer intermediates for backward. Parameter names do not change.
-    Returns the compiled blocks for `uncompile_blocks`.
+    Attention switches to attention.py's fused-backward version where it applies. Returns a
+    function that undoes both (generation after training should not recompile per cache length).
     """
+    from . import attention
     from .components import arch_of
 
     device = next(model.parameters()).device
@@ -105,10 +107,11 @@ def compile_blocks(model) -> list:
     blocks = list(model.get_submodule(arch_of(model).layers))
     for block in blocks:
         block.compile()
-    return blocks
+    previous = attention.use(model)
 
+    def undo():
+        attention.restore(model, previous)
+        for block in blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set
 
-def uncompile_blocks(blocks) -> None:
-    """Back to eager (generation after training should not recompile for every cache length)."""
-    for block in blocks:
-        block._compiled_call_impl = None  # what nn.Module.compile set
+    return undo

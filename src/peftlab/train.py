@@ -87,7 +87,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
-    compiled = runtime.compile_blocks(model) if cfg.compile else []
+    uncompile = runtime.compile_blocks(model) if cfg.compile else None
     model.train()
     params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
@@ -154,7 +154,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     finally:
         if log:
             log.close()
-        runtime.uncompile_blocks(compiled)
+        if uncompile:
+            uncompile()
     model.eval()
     return records
 

@@ -11,28 +11,36 @@ from ..methods import prepare
 
 
 @torch.no_grad()
-def _forward_ms(model, ids, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        with runtime.autocast(ids.device, torch.bfloat16):
-            model(input_ids=ids, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[2:])
+def _forward_s(model, ids) -> float:
+    start = time.perf_counter()
+    with runtime.autocast(ids.device, torch.bfloat16):
+        model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
 
 
 def inference_latency(model_name: str, seq_len: int, repeats: int = 10) -> dict:
-    loaded = models.load(model_name)
-    model = loaded.model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    runtime.store_frozen(model, torch.bfloat16)
-    base = _forward_ms(model, ids, repeats)
-    prepare(model, "lora:r=8,alpha=16,targets=q_proj+v_proj")
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.01)
-    runtime.store_frozen(model, torch.bfloat16)
-    unmerged = _forward_ms(model, ids, repeats)
-    merge(model)
-    merged = _forward_ms(model, ids, repeats)
-    return {"precision": "bf16", "base_ms": base, "unmerged_ms": unmerged, "merged_ms": merged}
+    """Three copies of the model (base, unmerged LoRA, merged LoRA), timed in turn, `repeats` rounds
+    after two warm-up rounds, so drift in the machine's speed hits all three alike."""
+    ids = None
+    variants = {}
+    for kind in ("base", "unmerged", "merged"):
+        model = models.load(model_name).model.eval().requires_grad_(False)  # inference: every weight frozen (bf16)
+        if kind != "base":
+            prepare(model, "lora:r=8,alpha=16,targets=q_proj+v_proj")
+            gen = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                if p.requires_grad:  # a trained-looking adapter, not B = 0
+                    p.data.normal_(0, 0.01, generator=gen)
+            if kind == "merged":
+                merge(model)
+        runtime.store_frozen(model, torch.bfloat16)
+        variants[kind] = model
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    times = {k: [] for k in variants}
+    for rnd in range(repeats + 2):
+        for kind, model in variants.items():
+            t = _forward_s(model, ids)
+            if rnd >= 2:
+                times[kind].append(t)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    return {"precision": "bf16", "base_ms": ms["base"], "unmerged_ms": ms["unmerged"], "merged_ms": ms["merged"]}

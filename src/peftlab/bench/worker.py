@@ -1,6 +1,6 @@
 """One benchmark measurement in its own process (so peak memory is its own).
 
-    python -m peftlab.bench.worker '{"impl": "peftlab", "config": "lora-r8-qv", "mode": "bf16", ...}'
+    python -m peftlab.bench.worker '{"impl": "peftlab", "config": "lora-r8-qv", "precision": "bf16", "mode": "compile", ...}'
 
 Prints one JSON line: median step time, tokens/s, peak memory, and the ceiling inputs.
 """
@@ -29,7 +29,7 @@ def measure(job: dict) -> dict:
         prepared = prepare(loaded.model, spec, loaded.tokenizer)
         model = loaded.model
         cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0,
-                          eval_every=-1, dtype="bf16" if job["mode"] == "bf16" else "fp32", device="cpu")
+                          eval_every=-1, dtype=job["precision"], device="cpu", compile=job["mode"] == "compile")
         records = train(model, blocks, prepared, cfg, show=False)
         times = [r["step_time"] for r in records if "step_time" in r]
     else:
