@@ -43,3 +43,25 @@ def test_loss_without_grad_and_all_masked():
         torch.testing.assert_close(causal_lm_loss(model, ids, ids), model(input_ids=ids, labels=ids).loss)
     masked = torch.full_like(ids, -100)
     assert float(causal_lm_loss(model, ids, masked).detach()) == 0.0
+
+
+def test_head_runs_in_the_autocast_dtype_even_after_an_fp32_norm(monkeypatch):
+    """A trainable final norm keeps an fp32 weight; the head must still run in bf16 under autocast."""
+    import peftlab.loss as loss_mod
+    from peftlab import runtime
+    from peftlab.methods import prepare
+
+    loaded = models.load("tiny-llama")
+    prepare(loaded.model, "bitfit:norms=true")
+    runtime.store_frozen(loaded.model, torch.bfloat16)
+    seen = []
+    apply = loss_mod.LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_mod.LinearCrossEntropy, "apply", lambda h, *a: seen.append(h.dtype) or apply(h, *a))
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = causal_lm_loss(loaded.model, ids, ids)
+        theirs = loaded.model(input_ids=ids, labels=ids).loss
+    ours.backward()
+    assert seen == [torch.bfloat16]
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-2)
+    assert loaded.model.model.norm.weight.grad.dtype == torch.float32

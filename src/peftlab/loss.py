@@ -108,8 +108,13 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     keep = targets != IGNORE
     h = h.reshape(-1, h.shape[-1])[keep]
     targets = targets[keep]
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        # The head runs in the autocast dtype, as F.linear would under autocast. (A trainable
+        # final norm keeps an fp32 weight, so h may arrive in fp32.)
+        h = h.to(torch.get_autocast_dtype(device))
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen explicitly above
+    with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly here
         total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused)
     return total / keep.sum().clamp_min(1)
