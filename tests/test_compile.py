@@ -48,3 +48,13 @@ def test_compiled_bf16_training_matches_eager(text_file):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-2), (key, a["step"])
     assert fused_model.config._attn_implementation == "sdpa"  # restored after training
+
+
+def test_cli_train_with_compile(cli, text_file, tmp_path):
+    import json
+
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--steps", "2",
+                       "--seq-len", "32", "--batch-size", "2", "--compile", "--quiet", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is True
+    assert (tmp_path / "run" / "adapter").is_dir()
