@@ -16,8 +16,9 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def _chunk(h, w, targets, softcap):
-    """Summed loss of one chunk and d(loss)/d(logits). h: (c, d), w: (V, d), targets: (c,)."""
+def _chunk(h, w, targets, softcap, want_grad=True):
+    """Summed loss of one chunk and d(loss)/d(logits) (None unless `want_grad`).
+    h: (c, d), w: (V, d), targets: (c,)."""
     logits = F.linear(h, w).float()  # (c, V) fp32
     if softcap:
         capped = torch.tanh(logits / softcap)
@@ -25,6 +26,8 @@ def _chunk(h, w, targets, softcap):
     lse = torch.logsumexp(logits, dim=-1)  # (c,)
     rows = torch.arange(len(targets), device=h.device)
     loss = (lse - logits[rows, targets]).sum()
+    if not want_grad:  # evaluation: no softmax pass
+        return loss, None
     grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
     grad[rows, targets] -= 1
     if softcap:
@@ -58,7 +61,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, len(targets), chunk):
             part = slice(i, i + chunk)
-            loss, grad = (compiled_chunk() if fused else _chunk)(h[part], w, targets[part], softcap)
+            loss, grad = (compiled_chunk() if fused else _chunk)(h[part], w, targets[part], softcap, want_h or want_w)
             total += loss
             if want_w:
                 grad = grad_logits[part].copy_(grad)

@@ -102,7 +102,7 @@ def compile_blocks(model):
     from .components import arch_of
 
     device = next(model.parameters()).device
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+    if device.type == "cpu" and not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")):
         raise UserError("--compile needs a C++ compiler on the CPU (torch inductor builds kernels); install g++ or drop --compile")
     blocks = list(model.get_submodule(arch_of(model).layers))
     for block in blocks:

@@ -39,15 +39,14 @@ def machine_ceiling(model_name: str, rows: int) -> dict:
 
 
 def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None, precisions=("fp32", "bf16"),
-              steps: int = 5, warmup: int = 2, repeats: int = 2, batch_size: int = 4, seq_len: int = 256, log=print,
-              ours=tuple(OURS)) -> dict:
+              steps: int = 5, warmup: int = 2, repeats: int = 2, batch_size: int = 4, seq_len: int = 256, log=print) -> dict:
     configs = list(configs or CONFIGS)
     base = {"model": model, "data": data, "steps": steps, "warmup": warmup, "batch_size": batch_size, "seq_len": seq_len}
     runs = []
     for rnd in range(repeats):
         for name in configs:
             for precision in precisions:
-                jobs = [{"impl": "peftlab", "mode": m} for m in ours] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
+                jobs = [{"impl": "peftlab", "mode": m} for m in OURS] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
                 if rnd % 2:
                     jobs.reverse()  # alternate who goes first
                 for j in jobs:
@@ -70,7 +69,6 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
     for r in runs:
         groups.setdefault((r["config"], r["precision"], r["impl"], r["mode"]), []).append(r)
     rows = []
-    impl_modes = {(r["impl"], r["mode"]) for r in runs}
     for name in dict.fromkeys(r["config"] for r in runs):
         for precision in dict.fromkeys(r["precision"] for r in runs):
             def med(impl, mode, key):
@@ -78,7 +76,7 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
                 return statistics.median(x[key] for x in rs) if rs else None
 
             keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token")
-            mine = {m: {k: med("peftlab", m, k) for k in keys} for m in OURS if ("peftlab", m) in impl_modes}
+            mine = {m: {k: med("peftlab", m, k) for k in keys} for m in OURS}
             theirs = {m: {k: med("peft", m, k) for k in keys} for m in MODES[precision]}
             our_mode = max(mine, key=lambda m: mine[m]["tokens_per_s"] or 0)
             best_mode = max(theirs, key=lambda m: theirs[m]["tokens_per_s"] or 0)
