@@ -1,5 +1,7 @@
 """The `peftlab` command line. Every user mistake becomes one line on stderr and exit code 2."""
 
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,8 +27,19 @@ MODEL = typer.Option(..., "--model", "-m", help="alias (smollm2-135m, tiny-llama
 
 def _positive(**values):
     for name, v in values.items():
-        if v <= 0:
+        if not math.isfinite(v) or v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+
+
+def _at_least_zero(**values):
+    for name, v in values.items():
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+
+
+def _out_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder (it is created if missing)")
 
 
 @app.command()
@@ -60,51 +73,123 @@ def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy"
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: str = MODEL,
     data: str = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, or a .jsonl of chats"),
     strategy: str = typer.Option("full", "--strategy", "-s", help="e.g. full, freeze:train=mlp+norm"),
     steps: int = typer.Option(100, help="optimizer steps"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder"),
-    batch_size: int = typer.Option(4), seq_len: int = typer.Option(256), lr: float = typer.Option(1e-4),
+    batch_size: int = typer.Option(4, help="rows per step over all processes"), seq_len: int = typer.Option(256),
+    lr: float = typer.Option(1e-4),
     seed: int = typer.Option(0), dtype: str = typer.Option("fp32", help="fp32 | bf16"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"), grad_accum: int = typer.Option(1),
     eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
-    checkpoint_every: int = typer.Option(0, help="save the adapter every N steps (0: only at the end)"),
+    checkpoint_every: int = typer.Option(0, help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)"),
+    keep_checkpoints: int = typer.Option(2, help="keep the newest K checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest checkpoint"),
+    skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="skip a step whose loss or gradient is NaN/Inf instead of stopping"),
+    nproc: int = typer.Option(1, help="train data-parallel in N processes (starts torchrun)"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
     grad_checkpoint: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import artifacts, data as data_mod, methods, models, runtime
+    from . import artifacts, checkpoint, data as data_mod, distributed, methods, models, runtime
     from .files import write_json
     from .train import TrainConfig, config_dict, train as run_training
 
-    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum)
+    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
+              keep_checkpoints=keep_checkpoints, nproc=nproc)
+    _at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
+    _out_folder(out_dir)
+    runtime.check_dtype(dtype)
+    runtime.pick_device(device)
+    methods.parse_strategy(strategy)
+    if batch_size % max(nproc, distributed.world_size()):
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the {max(nproc, distributed.world_size())} "
+                        "processes (each takes an equal share of every batch)")
+    finished = _finished(out_dir)
+    if not resume and checkpoint.latest(out_dir) and not finished:
+        raise UserError(f"{out_dir} holds an unfinished run ({checkpoint.latest(out_dir).name}); "
+                        "add --resume to continue it, or choose another --out")
+    if resume and finished:
+        out.print(f"the run in {out_dir} already finished; its adapter is {out_dir / 'adapter'}")
+        return
+    if nproc > 1 and not distributed.launched():
+        argv = _argv_without(ctx.obj["argv"], "--nproc")
+        code = distributed.launch(nproc, argv)
+        if code:
+            raise _Exit(code, "" if code in (2, 130, 143) else
+                        f"a training process failed (exit {code}; its message is above); no adapter was written, "
+                        f"checkpoints in {out_dir} are intact: continue with --resume")
+        return
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
-                      checkpoint_every=checkpoint_every, grad_checkpoint=grad_checkpoint, compile=compile)
-    runtime.check_dtype(dtype)
-    dev = runtime.pick_device(device)
-    methods.parse_strategy(strategy)
+                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                      skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile)
+    main_process = distributed.is_main()
     # Everything that can fail on user input happens before the first byte is written.
     loaded = models.load(model, seed=seed)
     blocks = data_mod.load_blocks(loaded, data, seq_len)
     base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
     prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_file = out_dir / "run.json"
+    previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
     run = {"command": "train", "model": model, "data": data, "strategy": prepared.spec, "config": config_dict(cfg),
-           "versions": runtime.versions(), "hardware": runtime.hardware(dev),
+           "processes": distributed.world_size(), "versions": runtime.versions(),
+           "hardware": runtime.hardware(runtime.pick_device(device)),
            "data_tokens": blocks.n_tokens, "train_blocks": len(blocks.train_ids), "held_out_blocks": len(blocks.held_ids)}
-    write_json(out_dir / "run.json", run)
+    last = checkpoint.latest(out_dir) if resume else None
+    if previous:
+        run["resumed"] = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0]
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_file, run)
     start = time.perf_counter()
-    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=not quiet)
+    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=not quiet, resume=resume,
+                           identity={"model": model, "data": data})
     folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
+    if not main_process:
+        return
     size = artifacts.size_on_disk(folder)
-    run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": records[0]["eval_loss"],
-                     "final_eval_loss": records[-1]["eval_loss"], "adapter_bytes": size, "base_fp32_bytes": base_bytes}
-    write_json(out_dir / "run.json", run)
-    out.print(f"held-out loss {records[0]['eval_loss']:.4f} → {records[-1]['eval_loss']:.4f} in {steps} steps")
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": evals[0] if evals else None,
+                     "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": size, "base_fp32_bytes": base_bytes,
+                     "skipped_steps": sum(1 for r in records if r.get("skipped"))}
+    write_json(run_file, run)
+    if evals:
+        out.print(f"held-out loss {evals[0]:.4f} → {evals[-1]:.4f} in {steps} steps")
     out.print(f"adapter: {folder} ({size / 1e6:.2f} MB; the full model is {base_bytes / 1e6:.1f} MB in fp32)")
+
+
+def _finished(folder: Path) -> bool:
+    """True when `folder` holds a run that completed (its run.json has a result)."""
+    try:
+        return "result" in json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class _Exit(Exception):
+    """Leave the CLI with `code`, after printing `message` (if any) as one line."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+def _argv_without(argv: list[str], option: str) -> list[str]:
+    """`argv` with `option VALUE` / `option=VALUE` removed."""
+    outv, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            outv.append(a)
+    return outv
 
 
 @app.command()
@@ -231,12 +316,26 @@ def merge(
 
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    from .errors import RunFailed
+    from .interrupt import Interrupted
+
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="peftlab", standalone_mode=False)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj={"argv": argv})
     except UserError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"peftlab: {e}; continue with the same command and --resume", file=sys.stderr)
+        return e.exit_code
+    except RunFailed as e:
+        print(f"peftlab: error: {e}", file=sys.stderr)
+        return 1
+    except _Exit as e:
+        if str(e):
+            print(f"peftlab: error: {e}", file=sys.stderr)
+        return e.code
     except click_errors.NoArgsIsHelpError as e:
         print(e.ctx.get_help())
         return 0
@@ -248,6 +347,10 @@ def main(argv=None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("peftlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from . import distributed
+
+        distributed.finish()
     return 0
 
 

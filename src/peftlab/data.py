@@ -152,15 +152,21 @@ class Blocks:
     held_labels: torch.Tensor
     n_tokens: int
 
-    def batches(self, batch_size: int, seed: int):
-        """Endless (ids, labels) batches in an order fixed by `seed` (a fresh permutation per epoch)."""
+    def batches(self, batch_size: int, seed: int, start: int = 0):
+        """Endless (ids, labels) batches in an order fixed by `seed` (a fresh permutation per
+        epoch), beginning after the first `start` batches (where a resumed run left off)."""
         g = torch.Generator().manual_seed(seed)
         n = len(self.train_ids)
+        offsets = range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)
+        for _ in range(start // len(offsets)):  # whole epochs already seen: only advance the generator
+            torch.randperm(n, generator=g)
+        skip = start % len(offsets)
         while True:
             order = torch.randperm(n, generator=g)
-            for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            for i in offsets[skip:]:
                 idx = order[i : i + batch_size]
                 yield self.train_ids[idx], self.train_labels[idx]
+            skip = 0
 
 
 def load_blocks(loaded, source: str, seq_len: int, held_out: float = 0.05, max_held: int = 32) -> Blocks:

@@ -11,6 +11,11 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 
 
+class RunFailed(Exception):
+    """The run could not go on for a reason outside the user's input (a process of a
+    distributed run died): one line and exit code 1."""
+
+
 def close_matches(word: str, choices, n: int = 3) -> str:
     """Return ' (did you mean: a, b?)' for near misses of `word`, or ''."""
     hits = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)

@@ -102,6 +102,12 @@ def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 256, fused: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100 (as transformers).
     `fused`: run the per-chunk softmax through torch.compile."""
+    total, count = causal_lm_loss_sum(model, input_ids, labels, chunk, fused)
+    return total / count.clamp_min(1)
+
+
+def causal_lm_loss_sum(model, input_ids, labels, chunk: int = 256, fused: bool = False):
+    """(summed loss, number of target positions): what data-parallel processes add up."""
     h = hidden_states(model, input_ids)
     k = h.shape[1] - input_ids.shape[1]
     if k > 0:  # the last virtual position predicts the first real token (as transformers and peft)
@@ -120,4 +126,4 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk: 
     softcap = getattr(model.config, "final_logit_softcapping", None)
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly here
         total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused)
-    return total / keep.sum().clamp_min(1)
+    return total, keep.sum()

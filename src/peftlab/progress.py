@@ -7,7 +7,7 @@ from rich.progress import Progress as RichProgress
 class Progress:
     """Context manager; `update(record)` advances one step and shows its loss and speed."""
 
-    def __init__(self, total: int, show: bool = True, label: str = "train"):
+    def __init__(self, total: int, show: bool = True, label: str = "train", done: int = 0):
         self.bar = None
         if show:
             self.bar = RichProgress(
@@ -20,7 +20,7 @@ class Progress:
                 TimeRemainingColumn(),
                 transient=False,
             )
-            self.task = self.bar.add_task(label, total=total, loss="…", tps="…")
+            self.task = self.bar.add_task(label, total=total, completed=done, loss="…", tps="…")
 
     def __enter__(self):
         if self.bar:

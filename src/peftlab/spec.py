@@ -6,6 +6,7 @@
 A spec may also be a TOML file holding `strategy = "..."`.
 """
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,17 @@ class Option:
     kind: str = "str"  # int | float | bool | str | list | choice
     choices: tuple = ()
     help: str = ""
+    low: float | None = None  # numbers: the smallest value allowed (inclusive)
+    high: float | None = None  # numbers: the largest value allowed (inclusive)
 
     def parse(self, key: str, text: str, method: str):
         text = text.strip()
-        try:
-            if self.kind == "int":
-                return int(text)
-            if self.kind == "float":
-                return float(text)
-        except ValueError:
-            raise UserError(f"{method}: {key}={text} is not a{'n integer' if self.kind == 'int' else ' number'}") from None
+        if self.kind in ("int", "float"):
+            try:
+                value = int(text) if self.kind == "int" else float(text)
+            except ValueError:
+                raise UserError(f"{method}: {key}={text} is not a{'n integer' if self.kind == 'int' else ' number'}") from None
+            return self.check(key, value, method)
         if self.kind == "bool":
             if text.lower() in ("true", "1", "yes", "on"):
                 return True
@@ -47,6 +49,17 @@ class Option:
         if self.kind == "choice" and text not in self.choices:
             raise UserError(f"{method}: {key}={text} is not valid; choose one of: {', '.join(self.choices)}")
         return text
+
+
+    def check(self, key: str, value, method: str):
+        """A number must be finite and inside [low, high]."""
+        if not math.isfinite(value):
+            raise UserError(f"{method}: {key}={value} must be a finite number")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            lo = "" if self.low is None else f"≥ {self.low:g}"
+            hi = "" if self.high is None else f"≤ {self.high:g}"
+            raise UserError(f"{method}: {key}={value} is out of range; it must be {' and '.join(x for x in (lo, hi) if x)}")
+        return value
 
 
 @dataclass(frozen=True)

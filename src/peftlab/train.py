@@ -4,8 +4,14 @@ Per optimizer step: `grad_accum` micro-batches, gradient clipping, a warmup + co
 rate, and one line of `metrics.jsonl`. Held-out loss every `eval_every` steps (and at step 0,
 so every run shows where it started). Parameters that a schedule unfreezes later join the
 optimizer as a new group at their step.
+
+A run survives: every `checkpoint_every` steps, and when SIGTERM/SIGINT arrives, the whole
+training state is checkpointed (checkpoint.py) and `resume=True` continues from it exactly.
+A non-finite loss or gradient stops the run (or skips the step with `skip_nonfinite`).
+Under torchrun the same loop trains data-parallel (distributed.py).
 """
 
+import hashlib
 import json
 import math
 import time
@@ -13,9 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from . import runtime
-from .loss import causal_lm_loss
+from . import checkpoint, distributed, runtime
+from .errors import RunFailed, UserError
+from .interrupt import Interrupted, StopSignals
+from .loss import IGNORE, causal_lm_loss_sum
 from .methods import trainable_parameters
 from .progress import Progress
 
@@ -23,7 +32,7 @@ from .progress import Progress
 @dataclass
 class TrainConfig:
     steps: int = 100
-    batch_size: int = 4
+    batch_size: int = 4  # rows per optimizer micro-batch, over all processes together
     seq_len: int = 256
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -34,10 +43,17 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     eval_every: int = 0  # 0: five evaluations over the run; < 0: none (benchmarks)
-    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    checkpoint_every: int = 0  # 0: checkpoints only when stopped by a signal
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
     compile: bool = False  # torch.compile each decoder block and the loss (first step slower)
+
+
+class NonFinite(UserError):
+    """A NaN/Inf loss or gradient: the settings or the data made training diverge."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -49,70 +65,144 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class LossModule(nn.Module):
+    """The model and its loss as one module, which is what DDP and FSDP wrap.
+
+    forward(ids (B, T), labels (B, T)) -> (summed loss, number of target positions)."""
+
+    def __init__(self, model, chunked: bool = True, fused: bool = False):
+        super().__init__()
+        self.model, self.chunked, self.fused = model, chunked, fused
+
+    def forward(self, ids, labels):
+        if self.chunked:
+            return causal_lm_loss_sum(self.model, ids, labels, fused=self.fused)
+        count = (labels[:, 1:] != IGNORE).sum()
+        return self.model(input_ids=ids, labels=labels).loss * count, count
+
+
 def batch_loss(model, ids, labels, chunked: bool = True, fused: bool = False) -> torch.Tensor:
     """Mean next-token loss of one batch, chunked (loss.py) or through transformers' own head."""
-    if chunked:
-        return causal_lm_loss(model, ids, labels, fused=fused)
-    return model(input_ids=ids, labels=labels).loss
+    total, count = LossModule(model, chunked, fused)(ids, labels)
+    return total / count.clamp_min(1)
 
 
 @torch.no_grad()
-def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True, fused: bool = False) -> float:
-    """Mean token loss over all held-out blocks."""
+def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True, fused: bool = False,
+                  forward=None) -> float:
+    """Mean token loss over all held-out blocks (each process takes its share of every batch)."""
+    forward = forward or LossModule(model, chunked, fused)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for i in range(0, len(blocks.held_ids), batch_size):
-        ids = blocks.held_ids[i : i + batch_size].to(device)
-        labels = blocks.held_labels[i : i + batch_size].to(device)
+        ids = torch.tensor_split(blocks.held_ids[i : i + batch_size], distributed.world_size())[distributed.rank()]
+        labels = torch.tensor_split(blocks.held_labels[i : i + batch_size], distributed.world_size())[distributed.rank()]
+        weight = 1.0
+        if len(ids) == 0:  # fewer rows than processes: every process must still run (FSDP gathers)
+            ids, labels, weight = blocks.held_ids[i : i + 1], blocks.held_labels[i : i + 1], 0.0
         with runtime.autocast(device, dtype):
-            loss = batch_loss(model, ids, labels, chunked, fused)
-        n = int((labels[:, 1:] != -100).sum())
-        total += float(loss) * n
-        count += n
+            loss, n = forward(ids.to(device), labels.to(device))
+        total += float(loss) * weight
+        count += int(n) * weight
+    total, count = distributed.all_sum([total, count], device)
     model.train(was_training)
-    return total / max(1, count)
+    return total / max(1.0, count)
 
 
-def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on_step=None, show=True) -> list[dict]:
+def run_identity(model, blocks, prepared, cfg: TrainConfig, extra: dict | None = None) -> dict:
+    """What a checkpoint may only be resumed with (extra: the CLI's model and data names)."""
+    from .artifacts.io import fingerprint
+
+    data = hashlib.sha256(blocks.train_ids.numpy().tobytes()).hexdigest()[:16]
+    base = hashlib.sha256(json.dumps(fingerprint(model, set())).encode()).hexdigest()[:16]
+    return (extra or {}) | {"strategy": prepared.spec, "batch_size": cfg.batch_size, "seq_len": int(blocks.train_ids.shape[1]),
+                            "grad_accum": cfg.grad_accum, "seed": cfg.seed, "dtype": cfg.dtype,
+                            "data_digest": data, "base_digest": base}
+
+
+def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on_step=None, show=True,
+          resume: bool = False, identity: dict | None = None) -> list[dict]:
     """Train `model` (already prepared by a strategy) on `blocks`; return the metric records.
 
     `on_step(step, record, optimizer)` is called after every optimizer step (before the record
-    is written), e.g. to measure weight change; it may add keys to `record`.
+    is written), e.g. to measure weight change; it may add keys to `record`. With `resume`,
+    training continues from the newest checkpoint in `out` (from the start if there is none).
+    `identity` adds entries (e.g. the model's and data's names) to what a resume must match.
     """
-    device = runtime.pick_device(cfg.device)
+    out = Path(out) if out is not None else None
+    device = distributed.init(runtime.pick_device(cfg.device))
     dtype = runtime.check_dtype(cfg.dtype)
+    distributed.check_batch(cfg.batch_size)
+    if distributed.world_size() > 1 and prepared.unfreeze_at:
+        raise UserError("gradual unfreezing (schedule) trains in one process only; drop --nproc / torchrun")
     torch.manual_seed(cfg.seed)
+    ident = run_identity(model, blocks, prepared, cfg, identity)
+    state, tensors = None, None
+    if resume:
+        if out is None:
+            raise UserError("resume needs the run's output folder (out)")
+        if distributed.is_main():
+            checkpoint.drop_partial(out)
+        found = checkpoint.latest(out)
+        if found:
+            state, tensors = checkpoint.read(found)
+            checkpoint.check_identity(state["identity"], ident, out)
+    elif out is not None and distributed.is_main():
+        checkpoint.clear(out)  # a fresh run: checkpoints of an earlier run in `out` must not be resumed later
+    first = state["step"] + 1 if state else 1
     model.to(device)
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
     uncompile = runtime.compile_blocks(model) if cfg.compile else None
     model.train()
+    loss_module = LossModule(model, cfg.chunked_loss, cfg.compile)
+    from .components import arch_of
+
+    runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
     params = list(trainable_parameters(model).values())
     opt = adamw(params, cfg) if params else None
+    if state:
+        for at in sorted(prepared.unfreeze_at):
+            if at < state["step"]:
+                opt = _unfreeze(model, prepared.unfreeze_at[at], opt, cfg)
+        checkpoint.restore(state, tensors, model, opt)
     eval_every = cfg.eval_every or max(1, cfg.steps // 5)
-    batches = blocks.batches(cfg.batch_size, cfg.seed)
-    records = []
-    log = open(out / "metrics.jsonl", "w") if out else None
+    drawn = state["drawn"] if state else 0
+    batches = blocks.batches(cfg.batch_size, cfg.seed, start=drawn)
+    records = list(state["records"]) if state else []
+    main = distributed.is_main()
+    log = None
+    if out and main:
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / "metrics.jsonl", "w")
+        for r in records:  # a resumed run's file holds each step exactly once
+            log.write(json.dumps(r) + "\n")
+        log.flush()
 
     def emit(record):
+        # JSON has no NaN or Infinity: a skipped step's non-finite numbers are written as null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         records.append(record)
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
     def evaluate():
-        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, cfg.chunked_loss, cfg.compile)
+        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, forward=loss_module)
 
-    if eval_every > 0:
-        emit({"step": 0, "eval_loss": evaluate()})
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    world = distributed.world_size()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
+    skipped = sum(1 for r in records if r.get("skipped"))
+    step = first - 1
     try:
-        with Progress(cfg.steps, show=show) as bar:
-            for step in range(1, cfg.steps + 1):
+        if eval_every > 0 and not state:
+            emit({"step": 0, "eval_loss": evaluate()})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with StopSignals() as signals, Progress(cfg.steps, show=show and main, done=first - 1) as bar:
+            for step in range(first, cfg.steps + 1):
                 if step - 1 in prepared.unfreeze_at:
                     opt = _unfreeze(model, prepared.unfreeze_at[step - 1], opt, cfg)
                 start = time.perf_counter()
@@ -121,13 +211,32 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 loss_sum = 0.0
                 for _ in range(cfg.grad_accum):
                     ids, labels = next(batches)
+                    drawn += 1
+                    ids, labels = distributed.shard_rows(ids).to(device), distributed.shard_rows(labels).to(device)
                     with runtime.autocast(device, dtype):
-                        loss = batch_loss(model, ids.to(device), labels.to(device), cfg.chunked_loss, cfg.compile) / cfg.grad_accum
+                        total, count = runner(ids, labels)
+                    if world > 1:  # weight by this process's share of the global batch's targets
+                        loss = total * world / distributed.all_sum_tensor(count).clamp_min(1) / cfg.grad_accum
+                        loss_sum += float(loss.detach()) / world
+                    else:
+                        loss = total / count.clamp_min(1) / cfg.grad_accum
+                        loss_sum += float(loss.detach())
                     loss.backward()
-                    loss_sum += float(loss.detach())
                 trainable = [p for g in opt.param_groups for p in g["params"]]
                 norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
-                opt.step()
+                norm = float(norm.full_tensor() if distributed.is_sharded(norm) else norm)
+                # One collective: the global loss, and whether any process was asked to stop.
+                loss_sum, stop = distributed.all_sum([loss_sum, float(signals.signum or 0)], device)
+                finite = math.isfinite(loss_sum) and math.isfinite(norm)
+                if finite:
+                    opt.step()
+                elif cfg.skip_nonfinite:
+                    skipped += 1
+                else:
+                    what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+                    raise NonFinite(f"step {step}: the {what} is {loss_sum if what == 'loss' else norm}; training "
+                                    f"stopped and no adapter was written. Lower --lr, check the strategy's numbers "
+                                    f"and the data, or pass --skip-nonfinite to skip such steps")
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -136,21 +245,31 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     "step": step,
                     "loss": loss_sum,
                     "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(norm),
+                    "grad_norm": norm,
                     "step_time": dt,
                     "tokens_per_s": tokens_per_step / dt,
                     "peak_mem": runtime.peak_memory(device),
                 }
+                if not finite:
+                    record |= {"skipped": True, "skipped_total": skipped}
                 if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
                     record["eval_loss"] = evaluate()
                 if on_step:
                     on_step(step, record, opt)
                 emit(record)
                 bar.update(record)
-                if out and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    from .artifacts import save
-
-                    save(model, prepared, out / "checkpoint")
+                stop = int(stop) and (signals.signum or _signal_of(stop))
+                periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
+                saved = None
+                if out and (periodic or stop):
+                    saved = checkpoint.save(out, step, model, opt, drawn, records, ident, cfg.keep_checkpoints)
+                if stop:
+                    raise Interrupted(stop, step, saved or (checkpoint.folder_of(out, step) if out else None))
+    except RuntimeError as e:
+        if distributed.world_size() > 1 and ("Connection" in str(e) or "closed" in str(e) or "peer" in str(e).lower()):
+            raise RunFailed(f"another training process stopped during step {step} ({str(e).splitlines()[0][:100]}); "
+                            f"no adapter was written; continue with --resume") from None
+        raise
     finally:
         if log:
             log.close()
@@ -158,6 +277,13 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
             uncompile()
     model.eval()
     return records
+
+
+def _signal_of(total: float) -> int:
+    """The signal another process received, from the summed flags (SIGTERM wins)."""
+    import signal
+
+    return int(signal.SIGTERM) if total >= signal.SIGTERM else int(signal.SIGINT)
 
 
 def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:

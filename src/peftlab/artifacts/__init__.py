@@ -8,6 +8,7 @@ half an adapter.
 
 from pathlib import Path
 
+from .. import distributed
 from ..errors import UserError
 from ..files import atomic_dir
 from . import hf, native
@@ -15,14 +16,20 @@ from .io import check_name
 
 
 def save(model, prepared, folder, name: str = "default", base_model: str = "", extra: dict | None = None) -> Path:
-    """Save adapter `name` (as trained by `prepared`) into `folder`; return the folder."""
+    """Save adapter `name` (as trained by `prepared`) into `folder`; return the folder.
+
+    In a distributed run every process calls this (a sharded model is gathered whole for
+    the moment) and only rank 0 writes."""
     check_name(name)
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        if hf.expressible(prepared.steps) and not prepared.unfreeze_at:
-            hf.save(model, prepared.steps, tmp, name, base_model)
-        else:
-            native.save(model, prepared, tmp, base_model, extra)
+    with distributed.whole_model(model):
+        if distributed.is_main():
+            with atomic_dir(folder) as tmp:
+                if hf.expressible(prepared.steps) and not prepared.unfreeze_at:
+                    hf.save(model, prepared.steps, tmp, name, base_model)
+                else:
+                    native.save(model, prepared, tmp, base_model, extra)
+    distributed.barrier()
     return folder
 
 

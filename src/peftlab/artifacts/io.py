@@ -46,7 +46,23 @@ def read_tensors(path: Path) -> dict:
 
 
 def write_tensors(path: Path, tensors: dict) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    """Write an adapter's tensors, refusing an empty or non-finite one, and read the file back
+    to check it holds every tensor whole (a sharded run must never leave empty placeholders)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if not tensors:
+        raise UserError(f"{path.name}: nothing to save; the strategy trained no tensor")
+    for k, v in tensors.items():
+        if v.numel() == 0:
+            raise UserError(f"{path.name}: tensor {k} is empty; refusing to write an incomplete adapter")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"tensor {k} holds NaN or Inf; refusing to write a broken adapter")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if written != {k: tuple(v.shape) for k, v in tensors.items()}:
+        raise UserError(f"{path} does not hold what was written; refusing to publish it")
 
 
 def fingerprint(model, skip: set) -> dict:

@@ -49,13 +49,13 @@ def adapter_hook(sublayer, args, output):
 
 @register(
     "adapter",
-    r=Option(None, "int", help="bottleneck size (default: d / reduction)"),
-    reduction=Option(16, "int", help="bottleneck = hidden size / reduction, when r is not given"),
+    r=Option(None, "int", help="bottleneck size (default: d / reduction)", low=1),
+    reduction=Option(16, "int", help="bottleneck = hidden size / reduction, when r is not given", low=1),
     placement=Option("houlsby", "choice", ("houlsby", "pfeiffer")),
     activation=Option("relu", "choice", tuple(ACTIVATIONS)),
     layers=Option(None, help="block range A-B"),
     name=Option("default", help="adapter name"),
-    seed=Option(0, "int"),
+    seed=Option(0, "int", low=0),
 )
 def adapter(model, r, reduction, placement, activation, layers, name, seed):
     """Bottleneck adapters after attention and/or MLP sublayers."""

@@ -78,7 +78,7 @@ def freeze_attention(model):
     unfreeze(model, select(model, ("mlp", "norm")))
 
 
-@register("targeted-qkv", from_layer=Option(6, "int", help="first block whose W_Q, W_K, W_V train"))
+@register("targeted-qkv", from_layer=Option(6, "int", help="first block whose W_Q, W_K, W_V train", low=0))
 def targeted_qkv(model, from_layer):
     """Train only W_Q, W_K, W_V of blocks >= from_layer."""
     n = num_layers(model)

@@ -136,9 +136,9 @@ def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Ge
 
 
 LORA_OPTIONS = dict(
-    r=Option(8, "int", help="rank"),
-    alpha=Option(None, "float", help="scale numerator (default: 2r)"),
-    dropout=Option(0.0, "float"),
+    r=Option(8, "int", help="rank", low=1),
+    alpha=Option(None, "float", help="scale numerator (default: 2r)", low=0),
+    dropout=Option(0.0, "float", low=0, high=0.99),
     targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
     target_regex=Option(None, help="regex over module paths"),
     layers=Option(None, help="block range A-B"),
@@ -146,7 +146,7 @@ LORA_OPTIONS = dict(
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
     init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa")),
     name=Option("default", help="adapter name"),
-    seed=Option(0, "int"),
+    seed=Option(0, "int", low=0),
 )
 
 

@@ -109,10 +109,10 @@ def kv_shape(config) -> tuple[int, int]:
 
 @register(
     "prefix",
-    tokens=Option(20, "int", help="prefix length k"),
-    projection=Option(0, "int", help="hidden size of the reparametrisation MLP (0: none)"),
+    tokens=Option(20, "int", help="prefix length k", low=1),
+    projection=Option(0, "int", help="hidden size of the reparametrisation MLP (0: none)", low=0),
     name=Option("default"),
-    seed=Option(0, "int"),
+    seed=Option(0, "int", low=0),
 )
 def prefix(model, tokens, projection, name, seed):
     """k trainable key/value vectors per layer inside attention."""

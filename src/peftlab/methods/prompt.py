@@ -57,11 +57,11 @@ def prompt_hook(model, args, kwargs):
 
 @register(
     "prompt",
-    tokens=Option(20, "int", help="number of virtual tokens k"),
+    tokens=Option(20, "int", help="number of virtual tokens k", low=1),
     init=Option("vocabulary", "choice", ("random", "vocabulary", "text")),
     text=Option("Write in the style of the training text.", help="init text for init=text"),
     name=Option("default"),
-    seed=Option(0, "int"),
+    seed=Option(0, "int", low=0),
 )
 def prompt(model, tokens, init, text, name, seed, tokenizer=None):
     """k trainable input embeddings prepended to every sequence."""

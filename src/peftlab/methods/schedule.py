@@ -12,7 +12,7 @@ from . import register
 from .freeze import select, unfreeze
 
 
-@register("schedule", **{c: Option(None, "int", help=f"step at which {c} starts training") for c in COMPONENTS})
+@register("schedule", **{c: Option(None, "int", help=f"step at which {c} starts training", low=0) for c in COMPONENTS})
 def schedule(model, **starts):
     """Unfreeze each component at its own step."""
     plan = {}

@@ -1,0 +1,48 @@
+"""Stopping a run cleanly: SIGTERM (preemption) and SIGINT (Ctrl-C) end it at a step boundary.
+
+The handler only records the signal; the training loop finishes the step it is in, writes a
+checkpoint and raises `Interrupted`, which the command line turns into one line and exit
+code 128 + signal (143 for SIGTERM, 130 for SIGINT). A second Ctrl-C stops at once.
+"""
+
+import signal
+import threading
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after `step`, with its state saved in `checkpoint`."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"checkpoint: {checkpoint}" if checkpoint else "no checkpoint (no --out)"
+        super().__init__(f"stopped by {name} after step {step}; {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignals:
+    """Context manager: while inside, SIGTERM/SIGINT set `signum` instead of killing the process."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers live in the main thread only
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
