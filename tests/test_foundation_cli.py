@@ -76,7 +76,7 @@ def test_generate_is_deterministic(cli):
         (["--dtype", "fp8"], "--dtype must be one of"),
         (["--model", "smollm2-135m-missing.gguf"], "GGUF file not found"),
         (["--strategy", "lora:targets=q_prj"], "did you mean: q_proj"),
-        (["--strategy", "lora:r=0"], "r must be a positive rank"),
+        (["--strategy", "lora:r=0"], "r=0 is out of range"),
         (["--strategy", "bitfit"], "use bitfit:norms=true"),
         (["--strategy", "lora:layers=2-4"], "outside the model"),
     ],
@@ -99,5 +99,5 @@ def test_checkpoints_are_written_during_training(cli, text_file, tmp_path):
     code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=4", "--steps", 4, "--seq-len", 32,
                        "--checkpoint-every", 2, "-o", tmp_path / "run", "--quiet")
     assert code == 0, err
-    assert (tmp_path / "run" / "checkpoint" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.safetensors").exists()
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()

@@ -18,7 +18,7 @@ def test_counts(arch, spec, places, r):
     assert n_trainable(model) == layers * places * (2 * d * r + r + d)
 
 
-@pytest.mark.parametrize("spec, says", [("adapter:r=0", "r must be a positive"),
+@pytest.mark.parametrize("spec, says", [("adapter:r=0", "r=0 is out of range"),
                                         ("adapter:placement=middle", "choose one of: houlsby, pfeiffer"),
                                         ("adapter:activation=swish", "choose one of")])
 def test_errors(spec, says):

@@ -72,10 +72,10 @@ def test_pissa_starts_at_the_base_model():
 
 @pytest.mark.parametrize("spec, says", [
     ("lora:targets=q_prj", "target module 'q_prj' is not in this model (did you mean: q_proj"),
-    ("lora:r=0", "r must be a positive rank"),
-    ("lora:r=-2", "r must be a positive rank"),
+    ("lora:r=0", "r=0 is out of range"),
+    ("lora:r=-2", "r=-2 is out of range"),
     ("lora:layers=0-7", "outside the model"),
-    ("lora:dropout=1.5", "dropout must be in"),
+    ("lora:dropout=1.5", "dropout=1.5 is out of range"),
     ("lora:init=xavier", "choose one of: kaiming, gaussian, pissa"),
     ("lora:rank=4", "unknown key 'rank'"),
 ])

@@ -64,8 +64,8 @@ def test_prompt_text_init_uses_the_text_embeddings():
     assert torch.equal(w[:5], table[ids]) and torch.equal(w[5], table[ids[0]])
 
 
-@pytest.mark.parametrize("spec, says", [("prompt:tokens=0", "tokens must be positive"),
-                                        ("prefix:tokens=-1", "tokens must be positive"),
+@pytest.mark.parametrize("spec, says", [("prompt:tokens=0", "tokens=0 is out of range"),
+                                        ("prefix:tokens=-1", "tokens=-1 is out of range"),
                                         ("prompt:init=zeros", "choose one of")])
 def test_errors(spec, says):
     with pytest.raises(UserError, match=says):

@@ -1,0 +1,122 @@
+"""torch.distributed: N processes compute what one process computes, only rank 0 writes, and a
+process that dies fails the job without a partial save. 2-process gloo runs on the CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_resume import peftlab, wait_for_step
+
+STRATEGIES = ["lora:r=4", "dora:r=4", "freeze-attention", "full"]
+HELPER = Path(__file__).parent / "helpers" / "distributed_train.py"
+
+
+def tensors(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def assert_same_run(one, two, what):
+    for a, b in zip(one, two, strict=True):
+        assert a["step"] == b["step"]
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (what, a["step"], key, a[key], b[key])
+
+
+def test_two_processes_train_what_one_process_trains(text_file, tmp_path):
+    """DDP and FSDP2 with 2 processes against 1 process: equal losses (1e-5) and adapters (1e-6)."""
+    from peftlab import TrainConfig, artifacts, load_blocks, load_model, prepare, train
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(HELPER), str(tmp_path), str(text_file), *STRATEGIES],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for i, spec in enumerate(STRATEGIES):
+        loaded = load_model("tiny-llama")
+        prepared = prepare(loaded.model, spec)
+        cfg = TrainConfig(steps=4, seq_len=32, batch_size=4, lr=1e-4, eval_every=2)
+        one = train(loaded.model, load_blocks(loaded, str(text_file), 32), prepared, cfg, show=False)
+        single = tensors(artifacts.save(loaded.model, prepared, tmp_path / f"one-{i}" / "adapter"))
+        for mode in ("ddp", "fsdp"):
+            two = json.loads((tmp_path / f"{mode}-{i}" / "losses.json").read_text())
+            assert_same_run(one, two, f"{spec} {mode}")
+            shared = tensors(tmp_path / f"{mode}-{i}" / "adapter")
+            assert shared.keys() == single.keys() and shared, (spec, mode)
+            for k in single:
+                assert shared[k].shape == single[k].shape and shared[k].numel() > 0
+                torch.testing.assert_close(shared[k], single[k], atol=1e-6, rtol=0, msg=f"{spec} {mode} {k}")
+
+
+def test_nproc_from_the_command_line_and_resume_distributed(text_file, tmp_path):
+    args = ["train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=4", "--seq-len", 32, "--steps", 6,
+            "--lr", 3e-3, "--quiet"]
+    one = peftlab(*args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    # Two processes; rank 0 is killed in the middle of writing the step-3 checkpoint.
+    run = tmp_path / "two"
+    killed = peftlab(*args, "-o", run, "--nproc", 2, "--fsdp", "--checkpoint-every", 1,
+                     env={"PEFTLAB_FAULT": "checkpoint-write:3"})
+    assert killed.returncode != 0 and not (run / "adapter").exists()
+    resumed = peftlab(*args, "-o", run, "--nproc", 2, "--fsdp", "--checkpoint-every", 1, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "adapter:" in resumed.stdout and resumed.stdout.count("adapter:") == 1  # rank 0 alone reports
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(7))
+    assert_same_run([json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()], lines, "cli")
+    a, b = tensors(tmp_path / "one" / "adapter"), tensors(run / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert json.loads((run / "run.json").read_text())["processes"] == 2
+
+
+def _pid_of(tag: str, rank: int, limit: float = 120) -> int | None:
+    """The process whose environment holds PEFTLAB_TEST_TAG=tag and RANK=rank."""
+    deadline = time.time() + limit
+    want = {f"PEFTLAB_TEST_TAG={tag}".encode(), f"RANK={rank}".encode()}
+    while time.time() < deadline:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    env = set((entry / "environ").read_bytes().split(b"\0"))
+                except OSError:
+                    continue
+                if want <= env:
+                    return int(entry.name)
+        time.sleep(0.2)
+    return None
+
+
+def test_a_process_that_dies_fails_the_job_and_nothing_is_saved(text_file, tmp_path):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "run"
+    proc = peftlab("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=8,targets=all-linear", "--seq-len", 64,
+                   "--batch-size", 8, "--steps", 400, "--quiet", "-o", run, "--nproc", 2, "--checkpoint-every", 5,
+                   env={"PEFTLAB_TEST_TAG": tag}, wait=False)
+    wait_for_step(proc, run, 6)
+    pid = _pid_of(tag, 1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, None)
+    assert "failed" in err and "--resume" in err
+    assert not (run / "adapter").exists()
+    assert "result" not in json.loads((run / "run.json").read_text())
+    # What was checkpointed is complete and resumable.
+    assert all((c / "state.json").exists() for c in (run / "checkpoints").iterdir() if not c.name.startswith("."))
+
+
+def test_batch_must_split_evenly_between_processes(cli, text_file, tmp_path):
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "--batch-size", 4, "--nproc", 3, "-o", tmp_path / "x")
+    assert code == 2 and "multiple of the 3 processes" in err
+    assert not (tmp_path / "x").exists()
