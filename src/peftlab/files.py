@@ -45,6 +45,7 @@ def atomic_dir(path: Path):
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        readable(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -56,3 +57,11 @@ def atomic_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def readable(folder: Path) -> None:
+    """Give every file below `folder` the usual permissions (0666 less the umask). Some writers
+    (safetensors among them) create files 0600 through a private temporary file."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~_UMASK)

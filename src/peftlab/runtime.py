@@ -44,10 +44,43 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: allocated on the GPU, or the process's peak resident set on the CPU."""
+    """Peak bytes: allocated on the GPU, or this process's own peak resident set on the CPU.
+
+    On Linux that is VmHWM, the high-water mark of this address space: it starts over when a
+    process execs, so a worker started by a large parent reports its own peak. (ru_maxrss
+    does not: Linux carries the parent's peak over fork and exec, so every worker of a
+    comparison would report at least the parent's size.)"""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over from the current size (GPU allocator stats; on Linux, clear_refs
+    5 resets VmHWM to the current resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def versions() -> dict:

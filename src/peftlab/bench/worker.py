@@ -6,13 +6,12 @@ Prints one JSON line: median step time, tokens/s, peak memory, and the ceiling i
 """
 
 import json
-import resource
 import statistics
 import sys
 
 import torch
 
-from .. import data, models
+from .. import data, models, runtime
 from ..methods import prepare
 from ..train import TrainConfig, train
 from . import ceiling, reference
@@ -39,7 +38,7 @@ def measure(job: dict) -> dict:
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
     return {
-        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": runtime.peak_memory(torch.device("cpu")),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trainable_matmul": ceiling.trainable_matmul_params(model),
         "flops_per_token": ceiling.flops_per_token(loaded.model, ceiling.trainable_matmul_params(model), job["seq_len"]),

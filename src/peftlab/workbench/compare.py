@@ -84,8 +84,16 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
     return summary
 
 
+DISPLAY_ONLY = {"show"}  # options that change what is printed, not what is measured
+
+
 def _same_job(saved: dict, job: dict) -> bool:
-    """Equal jobs, where a training option added since `saved` was written counts at its default."""
+    """Equal jobs, where a training option added since `saved` was written counts at its
+    default and display-only options do not count."""
     if isinstance(saved.get("config"), dict):
         saved = saved | {"config": asdict(TrainConfig()) | saved["config"]}
-    return saved == job
+
+    def key(j):
+        return {k: v for k, v in j.items() if k not in DISPLAY_ONLY}
+
+    return key(saved) == key(job)
