@@ -26,5 +26,7 @@ def test_bench_smoke(text_file, tmp_path):
 
 
 def test_bench_cli_errors(cli):
-    code, _, err = cli("bench", "--config", "lora-r99")
-    assert code == 2 and "unknown bench config" in err
+    code, _, err = cli("bench", "--case", "lora-r99")
+    assert code == 2 and "unknown bench case 'lora-r99'" in err
+    code, _, err = cli("bench", "--dtype", "fp16")
+    assert code == 2 and "--dtype must be fp32 or bf16" in err

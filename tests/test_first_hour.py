@@ -47,3 +47,84 @@ def test_display_only_options_do_not_retrain(tmp_path, text_file):
         compare("tiny-llama", str(text_file), ["lora:r=2"], tmp_path / "cmp", cfg, forget=None, samples=1, gen_tokens=4,
                 show=show, log=lines.append)
     assert "already done" in lines[-1]
+
+
+def _params(name):
+    import typer
+
+    from peftlab.cli import app
+
+    command = typer.main.get_command(app).commands[name]
+    return {p.name: p for p in command.params}
+
+
+def test_train_compare_and_bench_share_one_vocabulary():
+    train, compare_, bench = _params("train"), _params("compare"), _params("bench")
+    shared = {"model", "data", "steps", "batch_size", "seq_len", "lr", "warmup", "seed", "dtype", "device", "grad_accum",
+              "eval_every", "grad_checkpoint", "compile", "quiet", "config"}
+    assert shared <= set(train) and shared <= set(compare_)
+    for name in shared:
+        a, b = train[name], compare_[name]
+        assert (a.opts, a.default, a.help) == (b.opts, b.default, b.help), name
+    for name in ("batch_size", "seq_len", "config"):
+        assert (bench[name].opts, bench[name].default, bench[name].help) == (train[name].opts, train[name].default, train[name].help)
+    assert "precision" not in bench and bench["dtype"].opts == ["--dtype"]
+    assert bench["warmup_steps"].opts == ["--warmup-steps"]  # a step count, unlike train's --warmup fraction
+
+
+def test_version(cli):
+    from peftlab import __version__
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == f"peftlab {__version__}"
+
+
+def test_train_takes_a_learning_rate_per_strategy_and_evaluates_at_most_five_times(cli, text_file, tmp_path):
+    import json
+
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=4@1e-3", "--steps", 6, "--seq-len", 32,
+                       "--quiet", "-o", tmp_path / "run")
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["lr"] == 1e-3 and run["strategy"] == "lora:r=4"
+    evals = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in json.loads(ln)]
+    assert evals == [0, 2, 4, 6]
+
+
+def test_run_config_file_holds_any_option_and_flags_win(cli, text_file, tmp_path):
+    import json
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "tiny-llama"\ndata = "{text_file}"\nstrategy = "lora:r=2"\nsteps = 6\nseq-len = 32\n'
+                      f'batch_size = 2\nout = "{tmp_path / "run"}"\nquiet = true\n')
+    code, _, err = cli("train", "--config", config, "--steps", 3)
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["config"]["steps"], run["config"]["seq_len"], run["config"]["batch_size"], run["strategy"]) == (3, 32, 2, "lora:r=2")
+    config.write_text(config.read_text() + "stepz = 4\n")
+    code, _, err = cli("train", "--config", config)
+    assert code == 2 and "'stepz' is not an option of peftlab train (did you mean: steps?)" in err
+    config.write_text("[oops\n")
+    code, _, err = cli("compare", "--config", config)
+    assert code == 2 and "not valid TOML" in err
+
+
+def test_generate_and_merge_take_dtype_and_device(cli, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    code, out32, err = cli("generate", "-m", "tiny-llama", "-p", "Call me", "--max-new-tokens", 5)
+    assert code == 0, err
+    code, out16, err = cli("generate", "-m", "tiny-llama", "-p", "Call me", "--max-new-tokens", 5, "--dtype", "bf16",
+                           "--device", "cpu")
+    assert code == 0 and out16.startswith("Call me"), err
+    assert cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=2", "--steps", 2, "--seq-len", 32, "--quiet",
+               "-o", tmp_path / "run")[0] == 0
+    for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        code, _, err = cli("merge", "-m", "tiny-llama", "-a", tmp_path / "run" / "adapter", "-o", tmp_path / dtype,
+                           "--dtype", dtype)
+        assert code == 0, err
+        weights = load_file(str(next((tmp_path / dtype).glob("*.safetensors"))))
+        assert {t.dtype for t in weights.values()} == {want}
+    code, _, err = cli("merge", "-m", "tiny-llama", "-a", tmp_path / "run" / "adapter", "-o", tmp_path / "x", "--dtype", "fp16")
+    assert code == 2 and "--dtype must be one of" in err

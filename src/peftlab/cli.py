@@ -1,7 +1,6 @@
 """The `peftlab` command line. Every user mistake becomes one line on stderr and exit code 2."""
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,28 +17,24 @@ from rich.table import Table
 
 from .errors import UserError
 
+from . import options as o
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Parameter-efficient fine-tuning of causal language models.")
 out = Console()
 
-MODEL = typer.Option(..., "--model", "-m", help="alias (smollm2-135m, tiny-llama, ...), .gguf file, HF folder or hub id")
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        print(f"peftlab {__version__}")
+        raise typer.Exit()
 
 
-def _positive(**values):
-    for name, v in values.items():
-        if not math.isfinite(v) or v <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-
-
-def _at_least_zero(**values):
-    for name, v in values.items():
-        if not math.isfinite(v) or v < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
-
-
-def _out_folder(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; give a folder (it is created if missing)")
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")):
+    """Parameter-efficient fine-tuning of causal language models."""
 
 
 @app.command()
@@ -52,11 +47,14 @@ def fetch(names: List[str] = typer.Argument(..., help="assets: smollm2-135m gemm
 
 
 @app.command()
-def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy", "-s")):
+def params(model: str = o.MODEL, strategy: str = o.STRATEGY):
     """Trainable / total parameters by component."""
     from . import methods, models
     from .params import count
 
+    from .spec import split_lr
+
+    strategy, _ = split_lr(strategy, 1.0)
     methods.parse_strategy(strategy)
     loaded = models.load(model)
     methods.prepare(loaded.model, strategy, loaded.tokenizer)
@@ -74,35 +72,31 @@ def params(model: str = MODEL, strategy: str = typer.Option("full", "--strategy"
 @app.command()
 def train(
     ctx: typer.Context,
-    model: str = MODEL,
-    data: str = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, or a .jsonl of chats"),
-    strategy: str = typer.Option("full", "--strategy", "-s", help="e.g. full, freeze:train=mlp+norm"),
-    steps: int = typer.Option(100, help="optimizer steps"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder"),
-    batch_size: int = typer.Option(4, help="rows per step over all processes"), seq_len: int = typer.Option(256),
-    lr: float = typer.Option(1e-4),
-    seed: int = typer.Option(0), dtype: str = typer.Option("fp32", help="fp32 | bf16"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"), grad_accum: int = typer.Option(1),
-    eval_every: int = typer.Option(0, help="0: five evaluations per run"), warmup: float = typer.Option(0.1),
-    checkpoint_every: int = typer.Option(0, help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)"),
-    keep_checkpoints: int = typer.Option(2, help="keep the newest K checkpoints"),
+    model: str = o.MODEL, data: str = o.DATA, strategy: str = o.STRATEGY,
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: adapter/, metrics.jsonl, run.json, checkpoints/"),
+    steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
+    seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
+    eval_every: int = o.EVAL_EVERY, checkpoint_every: int = o.CHECKPOINT_EVERY,
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="keep the newest K checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest checkpoint"),
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="skip a step whose loss or gradient is NaN/Inf instead of stopping"),
-    nproc: int = typer.Option(1, help="train data-parallel in N processes (starts torchrun)"),
+    nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
-    grad_checkpoint: bool = typer.Option(False, help="recompute activations in backward (less memory)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
+    grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE, quiet: bool = o.QUIET,
+    config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
     from . import artifacts, checkpoint, data as data_mod, distributed, methods, models, runtime
     from .files import write_json
     from .train import TrainConfig, config_dict, train as run_training
 
-    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
-              keep_checkpoints=keep_checkpoints, nproc=nproc)
-    _at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
-    _out_folder(out_dir)
+    from .spec import split_lr
+
+    strategy, lr = split_lr(strategy, lr)
+    o.positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
+               keep_checkpoints=keep_checkpoints, nproc=nproc)
+    o.at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
+    o.out_folder(out_dir)
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     methods.parse_strategy(strategy)
@@ -194,20 +188,29 @@ def _argv_without(argv: list[str], option: str) -> list[str]:
 
 @app.command()
 def generate(
-    model: str = MODEL,
+    model: str = o.MODEL,
     prompt: str = typer.Option(..., "--prompt", "-p"),
     adapter: Optional[List[Path]] = typer.Option(None, "--adapter", "-a", help="adapter folder; repeat to compare"),
-    max_new_tokens: int = typer.Option(40), temperature: float = typer.Option(0.0, help="0 = greedy"),
-    seed: int = typer.Option(0), chat: bool = typer.Option(False, help="wrap the prompt in the chat template"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens"), temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    seed: int = o.SEED, chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template"),
+    dtype: str = o.DTYPE, device: str = o.DEVICE,
 ):
     """Generate from the base model, or from each adapter side by side."""
-    from . import artifacts, models
+    from . import artifacts, models, runtime
     from .generate import generate as run
 
-    _positive(max_new_tokens=max_new_tokens)
+    o.positive(max_new_tokens=max_new_tokens)
+    o.at_least_zero(temperature=temperature)
+    compute = runtime.check_dtype(dtype)
+    where = runtime.pick_device(device)
     for a in adapter or []:
         artifacts.kind(a)
-    loaded = models.load(model)
+
+    def ready(loaded):
+        runtime.for_inference(loaded.model, where, compute)
+        return loaded
+
+    loaded = ready(models.load(model))
     if not adapter:
         print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
         return
@@ -219,39 +222,38 @@ def generate(
         fresh = models.load(model)
         artifacts.load(fresh.model, a, tokenizer=fresh.tokenizer)
         label = f"{a.parent.name}/{a.name}" if a.name == "adapter" else a.name
-        table.add_row(label, prompt + run(fresh, prompt, max_new_tokens, temperature, seed, chat))
+        table.add_row(label, prompt + run(ready(fresh), prompt, max_new_tokens, temperature, seed, chat))
     out.print(table)
 
 
 @app.command()
 def compare(
-    model: str = MODEL,
-    data: str = typer.Option(..., "--data", "-d"),
-    strategy: List[str] = typer.Option(..., "--strategy", "-s", help="repeat; S@LR trains S at its own learning rate"),
-    out_dir: Path = typer.Option(..., "--out", "-o"),
-    steps: int = typer.Option(50), batch_size: int = typer.Option(4), seq_len: int = typer.Option(128),
-    lr: float = typer.Option(1e-4), seed: int = typer.Option(0), dtype: str = typer.Option("fp32"),
-    device: str = typer.Option("auto"), grad_accum: int = typer.Option(1), eval_every: int = typer.Option(0),
-    warmup: float = typer.Option(0.1),
-    forget: str = typer.Option("auto", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
-    samples: int = typer.Option(3, help="seeded samples for the style metric"),
-    gen_tokens: int = typer.Option(48, help="tokens generated per sample"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder blocks in every run"),
-    quiet: bool = typer.Option(False),
+    model: str = o.MODEL, data: str = o.DATA, strategy: List[str] = o.STRATEGIES,
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: report.html, results.json, summary.md"),
+    steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
+    seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
+    eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE,
+    forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
+    samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
+    gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
+    quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train several strategies from identical weights on identical batches; write report.html."""
     from . import data as data_mod, models, runtime
     from .train import TrainConfig
     from .workbench import compare as run_compare
 
-    _positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, samples=samples,
-              gen_tokens=gen_tokens)
+    o.positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, samples=samples,
+               gen_tokens=gen_tokens)
+    o.at_least_zero(eval_every=eval_every, warmup=warmup)
+    o.out_folder(out_dir)
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
     data_mod.load_blocks(loaded, data, seq_len)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
-                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, compile=compile)
+                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
+                      compile=compile)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                           samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print)
     print((out_dir / "summary.md").read_text())
@@ -261,29 +263,32 @@ def compare(
 
 @app.command()
 def bench(
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
-    data: str = typer.Option("moby-dick", "--data", "-d"),
-    config: Optional[List[str]] = typer.Option(None, "--config", "-c", help="configurations (default: all)"),
-    precision: Optional[List[str]] = typer.Option(None, help="fp32 and/or bf16 (default: both)"),
-    steps: int = typer.Option(5, help="timed steps per run"), warmup: int = typer.Option(2),
-    repeats: int = typer.Option(2, help="alternating rounds"), batch_size: int = typer.Option(4),
-    seq_len: int = typer.Option(256), out_file: Optional[Path] = typer.Option(None, "--out", help="write RESULTS.md here"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=o.MODEL.help),
+    data: str = typer.Option("moby-dick", "--data", "-d", help=o.DATA.help),
+    case: Optional[List[str]] = typer.Option(None, "--case", help="benchmark cases to run, repeatable (default: all)"),
+    dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="fp32 and/or bf16, repeatable (default: both)"),
+    steps: int = typer.Option(5, "--steps", help="timed optimizer steps per run"),
+    warmup_steps: int = typer.Option(2, "--warmup-steps", help="untimed optimizer steps before them"),
+    repeats: int = typer.Option(2, "--repeats", help="alternating rounds"), batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN,
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="write RESULTS.md (and RESULTS.json) here"),
+    config: Optional[Path] = o.CONFIG,
 ):
     """peftlab against HF peft + transformers on the same model, batches and config; ratios, not lone times."""
     from .bench import CONFIGS, markdown, run_bench, write_results
     from .bench.inference import inference_latency
 
-    _positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
-    for c in config or []:
+    o.positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
+    o.at_least_zero(warmup_steps=warmup_steps)
+    for c in case or []:
         if c not in CONFIGS:
-            raise UserError(f"unknown bench config '{c}'; known: {', '.join(CONFIGS)}")
-    for p in precision or []:
+            raise UserError(f"unknown bench case '{c}'; known: {', '.join(CONFIGS)}")
+    for p in dtype or []:
         if p not in ("fp32", "bf16"):
-            raise UserError(f"--precision must be fp32 or bf16, got '{p}'")
+            raise UserError(f"--dtype must be fp32 or bf16, got '{p}'")
     from . import data as data_mod, models
 
     data_mod.load_blocks(models.load(model), data, seq_len)  # fail fast on a missing asset
-    result = run_bench(model, data, config, tuple(precision or ("fp32", "bf16")), steps, warmup, repeats, batch_size,
+    result = run_bench(model, data, case, tuple(dtype or ("fp32", "bf16")), steps, warmup_steps, repeats, batch_size,
                        seq_len, log=out.print)
     result["inference"] = inference_latency(model, seq_len)
     print(markdown(result))
@@ -294,20 +299,27 @@ def bench(
 
 @app.command()
 def merge(
-    model: str = MODEL,
+    model: str = o.MODEL,
     adapter: Path = typer.Option(..., "--adapter", "-a", help="adapter folder (peft or peftlab format)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder for the merged HF model"),
-    dequantize: bool = typer.Option(False, help="allow de-quantizing a 4/8-bit base to merge into it"),
+    dequantize: bool = typer.Option(False, "--dequantize", help="allow de-quantizing a 4/8-bit base to merge into it"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: the dtype of the written weights"),
+    device: str = o.DEVICE,
 ):
     """Fold an adapter into the base; write a plain HF model folder (no peftlab needed to load it)."""
-    from . import artifacts, models
+    from . import artifacts, models, runtime
     from .files import atomic_dir
     from .merge import merge_and_unload
 
+    written = runtime.check_dtype(dtype)
+    where = runtime.pick_device(device)
+    o.out_folder(out_dir)
     artifacts.kind(adapter)
     loaded = models.load(model)
     artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer)
-    merged = merge_and_unload(loaded.model, dequantize=dequantize)
+    loaded.model.to(where)
+    merged = merge_and_unload(loaded.model, dequantize=dequantize)  # in fp32, then stored as asked
+    merged.to(device="cpu", dtype=written)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -322,7 +334,8 @@ def main(argv=None) -> int:
     command = typer.main.get_command(app)
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj={"argv": argv})
+        command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj={"argv": argv},
+                     default_map=o.run_config(command, argv))
     except UserError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 2

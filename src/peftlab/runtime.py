@@ -38,6 +38,15 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
 
 
+def for_inference(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Generation: every weight frozen, on `device`, stored in `dtype`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    store_frozen(model, dtype)
+    model.eval()
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16 compute where asked; a no-op context in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

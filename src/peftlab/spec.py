@@ -110,3 +110,17 @@ def parse(spec: str, registry: dict) -> list[Step]:
             options[key] = method.options[key].parse(key, value, name)
         steps.append(Step(name, options))
     return steps
+
+
+def split_lr(entry: str, default_lr: float) -> tuple[str, float]:
+    """'lora:r=8@1e-3' -> ('lora:r=8', 0.001): a strategy may carry its own learning rate."""
+    spec, at, lr = str(entry).partition("@")
+    if not at:
+        return spec, default_lr
+    try:
+        value = float(lr)
+    except ValueError:
+        raise UserError(f"'{entry}': the learning rate after @ must be a number, e.g. lora:r=8@1e-3") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"'{entry}': the learning rate after @ must be a positive number, got {lr}")
+    return spec, value

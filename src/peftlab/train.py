@@ -15,41 +15,19 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from . import checkpoint, distributed, runtime
+from .config import TrainConfig
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
 from .loss import IGNORE, causal_lm_loss_sum
 from .methods import trainable_parameters
 from .progress import Progress
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 4  # rows per optimizer micro-batch, over all processes together
-    seq_len: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of steps (or a step count if >= 1)
-    grad_accum: int = 1
-    clip: float = 1.0
-    dtype: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    eval_every: int = 0  # 0: five evaluations over the run; < 0: none (benchmarks)
-    checkpoint_every: int = 0  # 0: checkpoints only when stopped by a signal
-    keep_checkpoints: int = 2  # the newest K checkpoints are kept
-    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
-    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)
-    grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
-    chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
-    compile: bool = False  # torch.compile each decoder block and the loss (first step slower)
 
 
 class NonFinite(UserError):
@@ -168,7 +146,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
             if at < state["step"]:
                 opt = _unfreeze(model, prepared.unfreeze_at[at], opt, cfg)
         checkpoint.restore(state, tensors, model, opt)
-    eval_every = cfg.eval_every or max(1, cfg.steps // 5)
+    eval_every = cfg.eval_every or math.ceil(cfg.steps / 5)  # at most five evaluations, also in short runs
     drawn = state["drawn"] if state else 0
     batches = blocks.batches(cfg.batch_size, cfg.seed, start=drawn)
     records = list(state["records"]) if state else []

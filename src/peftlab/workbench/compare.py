@@ -17,20 +17,10 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import write_json
 from ..methods import parse_strategy
+from ..spec import split_lr
 from ..train import TrainConfig
 
 FORGET = {"moby-dick": "alice", "alice": "moby-dick"}
-
-
-def split_lr(entry: str, default_lr: float) -> tuple[str, float]:
-    """'lora:r=8@1e-3' -> ('lora:r=8', 0.001): a strategy may carry its own learning rate."""
-    spec, at, lr = entry.partition("@")
-    if not at:
-        return spec, default_lr
-    try:
-        return spec, float(lr)
-    except ValueError:
-        raise UserError(f"'{entry}': the learning rate after @ must be a number, e.g. lora:r=8@1e-3") from None
 
 
 def slug(spec: str) -> str:

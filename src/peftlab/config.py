@@ -1,0 +1,27 @@
+"""A training run's settings, in one dataclass that imports nothing heavy (the command line
+reads its defaults before torch loads)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4  # rows per optimizer micro-batch, over all processes together
+    seq_len: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of steps (or a step count if >= 1)
+    grad_accum: int = 1
+    clip: float = 1.0
+    dtype: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 0  # 0: five evaluations over the run (every ceil(steps/5)); < 0: none (benchmarks)
+    checkpoint_every: int = 0  # 0: checkpoints only when stopped by a signal
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)
+    grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
+    chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
+    compile: bool = False  # torch.compile each decoder block and the loss (first step slower)

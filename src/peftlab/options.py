@@ -1,0 +1,99 @@
+"""The command line's vocabulary: every option that several commands take is defined once here
+(flag, default, help), so `train`, `compare`, `bench`, `generate` and `merge` mean the same
+thing by the same word. Also the checks every number gets, and `--config FILE.toml`, a run
+config holding any option of a command (flags given on the command line win).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import UserError, close_matches
+from .config import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+D = TrainConfig()  # the defaults every command shares
+
+MODEL = typer.Option(..., "--model", "-m", help="alias (smollm2-135m, tiny-llama, ...), .gguf file, HF folder or hub id")
+DATA = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, or a .jsonl of chat records")
+STRATEGY = typer.Option("full", "--strategy", "-s",
+                        help="NAME[:key=value,...], methods stacked with /, e.g. lora:r=8; S@LR trains S at learning rate LR")
+STRATEGIES = typer.Option(..., "--strategy", "-s", help="repeat for each strategy; S@LR trains S at learning rate LR")
+STEPS = typer.Option(D.steps, "--steps", help="optimizer steps")
+BATCH_SIZE = typer.Option(D.batch_size, "--batch-size", help="rows per optimizer step, over all processes")
+SEQ_LEN = typer.Option(D.seq_len, "--seq-len", help="tokens per row")
+LR = typer.Option(D.lr, "--lr", help="peak learning rate (AdamW; warmup, then cosine to 10%)")
+WARMUP = typer.Option(D.warmup, "--warmup", help="learning-rate warmup: a fraction of --steps, or a step count if >= 1")
+SEED = typer.Option(D.seed, "--seed", help="seed of the weights' random parts, the batch order and sampling")
+DTYPE = typer.Option(D.dtype, "--dtype", help="fp32 | bf16 (bf16: frozen weights stored bf16, compute under autocast)")
+DEVICE = typer.Option(D.device, "--device", help="auto | cpu | cuda")
+GRAD_ACCUM = typer.Option(D.grad_accum, "--grad-accum", help="micro-batches per optimizer step")
+EVAL_EVERY = typer.Option(D.eval_every, "--eval-every", help="held-out loss every N steps (0: five times over the run)")
+CHECKPOINT_EVERY = typer.Option(D.checkpoint_every, "--checkpoint-every",
+                                help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)")
+GRAD_CHECKPOINT = typer.Option(D.grad_checkpoint, "--grad-checkpoint", help="recompute activations in backward: less memory, more time")
+COMPILE = typer.Option(D.compile, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one")
+QUIET = typer.Option(False, "--quiet", help="no progress output")
+CONFIG = typer.Option(None, "--config", help="a TOML file holding any of this command's options (flags given here win)")
+
+
+def positive(**values) -> None:
+    for name, v in values.items():
+        if not math.isfinite(v) or v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+
+
+def at_least_zero(**values) -> None:
+    for name, v in values.items():
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+
+
+def out_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a folder (it is created if missing)")
+
+
+def run_config(command, argv: list[str]) -> dict | None:
+    """`default_map` for click from `--config FILE` in `argv`: {subcommand: {parameter: value}}.
+
+    Keys are the option names without dashes (`batch-size` or `batch_size`, `out`, `strategy`
+    as a list where the option repeats). An unknown key is a one-line error naming the valid ones."""
+    if not argv or argv[0] not in getattr(command, "commands", {}):
+        return None
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {file}: no such file")
+    try:
+        table = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {file} is not valid TOML ({e})") from None
+    sub = command.commands[argv[0]]
+    names = {}  # every spelling of an option -> its parameter name
+    for p in sub.params:
+        for flag in getattr(p, "opts", []):
+            if flag.startswith("--"):
+                names[flag[2:]] = names[flag[2:].replace("-", "_")] = p.name
+    names.pop("config", None)
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            valid = sorted(k for k in names if "_" not in k)
+            raise UserError(f"--config {file}: '{key}' is not an option of peftlab {argv[0]}{close_matches(key, valid)}; "
+                            f"valid: {', '.join(valid)}")
+        values[names[key]] = value
+    return {argv[0]: values}
