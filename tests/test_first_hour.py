@@ -128,3 +128,27 @@ def test_generate_and_merge_take_dtype_and_device(cli, text_file, tmp_path):
         assert {t.dtype for t in weights.values()} == {want}
     code, _, err = cli("merge", "-m", "tiny-llama", "-a", tmp_path / "run" / "adapter", "-o", tmp_path / "x", "--dtype", "fp16")
     assert code == 2 and "--dtype must be one of" in err
+
+
+def test_progress_piped_to_a_file_shows_while_the_run_goes(text_file, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "train", "-m", "tiny-llama", "-d", str(text_file),
+                             "-s", "lora:r=8,targets=all-linear", "--seq-len", "64", "--batch-size", "8", "--steps", "400",
+                             "-o", str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # a pipe, not a terminal: plain lines, flushed as they come
+        seen.append(line)
+        if line.startswith("step 40/400"):
+            assert proc.poll() is None  # the run is still going
+            break
+    rest, _ = proc.communicate(timeout=600)
+    lines = seen + rest.splitlines(keepends=True)
+    text = "".join(lines)
+    assert proc.returncode == 0
+    assert "loading tiny-llama…" in text and "evaluating before training…" in text and "saving the adapter…" in text
+    steps = [ln for ln in lines if ln.startswith("step ") and "tok/s" in ln]
+    assert 20 <= len(steps) <= 40  # every 20th step (and on time), not every step
+    assert "held-out 5." in steps[-1] and "ETA" in steps[-1]
+    assert "\x1b[" not in text  # no terminal escapes in a log file

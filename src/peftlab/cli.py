@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .progress import phase
 
 from . import options as o
 
@@ -123,9 +124,12 @@ def train(
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                       skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile)
     main_process = distributed.is_main()
+    show = not quiet and main_process
     # Everything that can fail on user input happens before the first byte is written.
-    loaded = models.load(model, seed=seed)
-    blocks = data_mod.load_blocks(loaded, data, seq_len)
+    with phase(f"loading {model}", show):
+        loaded = models.load(model, seed=seed)
+    with phase(f"reading {data}", show):
+        blocks = data_mod.load_blocks(loaded, data, seq_len)
     base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
     prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
     run_file = out_dir / "run.json"
@@ -141,9 +145,10 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, run)
     start = time.perf_counter()
-    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=not quiet, resume=resume,
+    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=show, resume=resume,
                            identity={"model": model, "data": data})
-    folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
+    with phase("saving the adapter", show):
+        folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
     if not main_process:
         return
     size = artifacts.size_on_disk(folder)

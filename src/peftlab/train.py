@@ -175,11 +175,13 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     skipped = sum(1 for r in records if r.get("skipped"))
     step = first - 1
     try:
-        if eval_every > 0 and not state:
-            emit({"step": 0, "eval_loss": evaluate()})
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         with StopSignals() as signals, Progress(cfg.steps, show=show and main, done=first - 1) as bar:
+            if eval_every > 0 and not state:
+                bar.phase("evaluating before training")
+                emit({"step": 0, "eval_loss": evaluate()})
+                bar.phase(None)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             for step in range(first, cfg.steps + 1):
                 if step - 1 in prepared.unfreeze_at:
                     opt = _unfreeze(model, prepared.unfreeze_at[step - 1], opt, cfg)
@@ -231,6 +233,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 if not finite:
                     record |= {"skipped": True, "skipped_total": skipped}
                 if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
+                    bar.phase("evaluating", step)
                     record["eval_loss"] = evaluate()
                 if on_step:
                     on_step(step, record, opt)
@@ -240,6 +243,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
                 saved = None
                 if out and (periodic or stop):
+                    bar.phase("checkpointing", step)
                     saved = checkpoint.save(out, step, model, opt, drawn, records, ident, cfg.keep_checkpoints)
                 if stop:
                     raise Interrupted(stop, step, saved or (checkpoint.folder_of(out, step) if out else None))

@@ -20,6 +20,7 @@ from .. import artifacts, data, methods, models, runtime
 from ..files import write_json
 from ..methods.qlora import storage_bytes
 from ..params import count
+from ..progress import phase
 from ..train import TrainConfig, held_out_loss, train
 from .style import greedy_text, style_share, top_tokens
 from .tracking import WeightTracker
@@ -44,7 +45,8 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     device, dtype = runtime.pick_device(cfg.device), runtime.check_dtype(cfg.dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loaded = models.load(job["model"], seed=cfg.seed)
+    with phase(f"loading {job['model']}", show):
+        loaded = models.load(job["model"], seed=cfg.seed)
     digest = weights_digest(loaded.model)
     blocks = data.load_blocks(loaded, job["data"], cfg.seq_len)
     forget = data.load_blocks(loaded, job["forget"], cfg.seq_len, held_out=1.0, max_held=16) if job.get("forget") else None
@@ -63,7 +65,8 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
                 out["forget_loss"] = held_out_loss(loaded.model, forget, device, dtype, cfg.batch_size)
         return out
 
-    before = measure()
+    with phase("sampling and scoring before training (style, forgetting)", show):
+        before = measure()
     tracker = WeightTracker(loaded.model, will_train)
     opt_bytes = [0]
 
@@ -75,8 +78,10 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     records = train(loaded.model, blocks, prepared, cfg, out=folder, on_step=on_step, show=show)
     total = time.perf_counter() - start
     train_peak = max(r.get("peak_mem", 0) for r in records)
-    after = measure()
-    adapter = artifacts.save(loaded.model, prepared, folder / "adapter", base_model=job["model"])
+    with phase("sampling and scoring after training", show):
+        after = measure()
+    with phase("saving the adapter", show):
+        adapter = artifacts.save(loaded.model, prepared, folder / "adapter", base_model=job["model"])
     initial = dict(models.load(job["model"], seed=cfg.seed).model.named_parameters())  # W_0, after the peak
     steps = [r for r in records if "step_time" in r]
     counts = count(loaded.model)
@@ -87,7 +92,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
         "time_total_s": total, "step_time_s": [r["step_time"] for r in steps],
         "step_time_median_s": sorted(r["step_time"] for r in steps)[len(steps) // 2],
         "tokens_per_s": [r["tokens_per_s"] for r in steps], "peak_memory_bytes": train_peak,
-        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
         "optimizer_state_bytes": opt_bytes[0],
         "train_loss": [[r["step"], r["loss"]] for r in steps],
         "eval_loss": [[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r],
