@@ -75,6 +75,7 @@ def train(
     ctx: typer.Context,
     model: str = o.MODEL, data: str = o.DATA, strategy: str = o.STRATEGY,
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: adapter/, metrics.jsonl, run.json, checkpoints/"),
+    text_column: Optional[str] = o.TEXT_COLUMN, system: Optional[str] = o.SYSTEM,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, checkpoint_every: int = o.CHECKPOINT_EVERY,
@@ -129,12 +130,13 @@ def train(
     with phase(f"loading {model}", show):
         loaded = models.load(model, seed=seed)
     with phase(f"reading {data}", show):
-        blocks = data_mod.load_blocks(loaded, data, seq_len)
+        blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
     prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
     run_file = out_dir / "run.json"
     previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
-    run = {"command": "train", "model": model, "data": data, "strategy": prepared.spec, "config": config_dict(cfg),
+    run = {"command": "train", "model": model, "data": data, "data_options": {"text_column": text_column, "system": system},
+           "strategy": prepared.spec, "config": config_dict(cfg),
            "processes": distributed.world_size(), "versions": runtime.versions(),
            "hardware": runtime.hardware(runtime.pick_device(device)),
            "data_tokens": blocks.n_tokens, "train_blocks": len(blocks.train_ids), "held_out_blocks": len(blocks.held_ids)}
@@ -235,6 +237,7 @@ def generate(
 def compare(
     model: str = o.MODEL, data: str = o.DATA, strategy: List[str] = o.STRATEGIES,
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: report.html, results.json, summary.md"),
+    text_column: Optional[str] = o.TEXT_COLUMN, system: Optional[str] = o.SYSTEM,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE,
@@ -255,12 +258,13 @@ def compare(
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
-    data_mod.load_blocks(loaded, data, seq_len)
+    data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
                       grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
                       compile=compile)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
-                          samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print)
+                          samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
+                          data_options={"text_column": text_column, "system": system})
     print((out_dir / "summary.md").read_text())
     out.print(f"report: {(out_dir / 'report.html').resolve()}")
     return summary

@@ -1,10 +1,12 @@
-"""Training data: texts and chat records, tokenized once, packed into fixed-length blocks.
+"""Training data: texts and records, tokenized once, packed into fixed-length blocks.
 
-`D` may be an alias (`moby-dick`, `alice`), a text file, a folder of text files, or a JSONL
-file of chat/instruction records. Records are rendered with the tokenizer's chat template
-and only assistant tokens carry loss (labels are -100 elsewhere). The held-out split is the
-tail of the token stream (a contiguous passage the model never trains on), and the batch
-order is a seeded permutation, so the same seed always sees the same batches.
+`D` may be an alias (`moby-dick`, `alice`), a text file (.txt .md .text, or no suffix), a
+folder of text files, a record file (.jsonl .json .csv .tsv .parquet) or a folder written by
+`datasets.save_to_disk` (records.py reads them). Chat records are rendered with the
+tokenizer's chat template and only assistant tokens carry loss (labels are -100 elsewhere);
+text records and text files carry loss on every token. The held-out split is the tail of the
+token stream (a contiguous passage the model never trains on), and the batch order is a
+seeded permutation, so the same seed always sees the same batches.
 """
 
 import hashlib
@@ -15,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import assets
+from . import assets, records
 from .errors import UserError
 
 TEXT_ALIASES = ("moby-dick", "alice")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+ACCEPTED = (f"peftlab reads text ({' '.join(TEXT_SUFFIXES)}), records ({' '.join(records.SUFFIXES)}), "
+            f"a folder of text files, a datasets save_to_disk folder, or one of: {', '.join(TEXT_ALIASES)}")
 IGNORE = -100
+FORMAT = 2  # bump when tokenization changes, so cached token files are not reused
 
 
 def strip_gutenberg(text: str) -> str:
@@ -45,27 +50,22 @@ def read_text(source: str) -> list[str]:
             raise UserError(f"folder {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
         return [strip_gutenberg(p.read_text(encoding="utf-8", errors="replace")) for p in files]
     if path.is_file():
+        if (path.suffix and path.suffix.lower() not in TEXT_SUFFIXES) or b"\0" in path.read_bytes()[:8192]:
+            raise UserError(f"unrecognised data format: {path.name}; {ACCEPTED}")
         return [strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))]
-    raise UserError(f"data not found: '{source}'; give a text file, a folder, a .jsonl file, or one of: {', '.join(TEXT_ALIASES)}")
+    raise UserError(f"data not found: '{source}'; {ACCEPTED}")
 
 
-def to_messages(record: dict, where: str) -> list[dict]:
-    """Accept {messages}, {prompt, completion} or {instruction, input, output} records."""
-    if isinstance(record.get("messages"), list):
-        return record["messages"]
-    if "prompt" in record and "completion" in record:
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-    if "instruction" in record and "output" in record:
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    raise UserError(f"{where}: a record needs 'messages', 'prompt'+'completion' or 'instruction'+'output'")
+def render_chat(loaded, messages: list[dict], system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that keep only the assistant turns.
 
-
-def render_chat(loaded, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and labels that keep only the assistant turns."""
+    `system`: the system prompt for a conversation that has none (otherwise the chat
+    template's own default, if it has one, is what the model sees)."""
     tok = loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         raise UserError(f"the tokenizer of {loaded.name} has no chat template; use plain text data")
+    if system is not None and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system}] + list(messages)
     ids, labels, done = [], [], ""
 
     def add(text: str, learn: bool) -> str:
@@ -83,26 +83,25 @@ def render_chat(loaded, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize(loaded, source: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The whole source as one id stream (and a label stream for chat data)."""
-    if str(source).endswith(".jsonl"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UserError(f"data not found: {path}")
+def tokenize(loaded, source: str, text_column: str | None = None, system: str | None = None):
+    """The whole source as one id stream, and a label stream (None when every token is learned)."""
+    if records.is_record_source(source):
+        eos = loaded.tokenizer.eos_token_id
         ids, labels = [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            i, lab = render_chat(loaded, to_messages(record, f"{path}:{n}"))
+        for where, record in records.read(source):
+            kind, value = records.example(record, where, text_column)
+            if kind == "chat":
+                i, lab = render_chat(loaded, value, system)
+            else:  # a text record: every token learned, closed by EOS like a document
+                i = loaded.encode(value) + ([eos] if eos is not None else [])
+                lab = list(i)
             ids += i
             labels += lab
         if not ids:
-            raise UserError(f"{path} holds no records")
+            raise UserError(f"{source} holds no records")
         return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if text_column or system is not None:
+        raise UserError(f"--text-column and --system apply to record files ({', '.join(records.SUFFIXES)}), not to '{source}'")
     docs = read_text(source)
     if not any(d.strip() for d in docs):
         raise UserError(f"data '{source}' is empty")
@@ -113,8 +112,8 @@ def tokenize(loaded, source: str) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(ids, dtype=np.int64), None
 
 
-def cached_tokens(loaded, source: str):
-    """`tokenize`, memoised on disk by (source content, tokenizer)."""
+def cached_tokens(loaded, source: str, text_column: str | None = None, system: str | None = None):
+    """`tokenize`, memoised on disk by (source content, tokenizer, reading options)."""
     path = Path(source).expanduser()
     if source in TEXT_ALIASES:
         path = assets.asset_path(source)
@@ -126,15 +125,16 @@ def cached_tokens(loaded, source: str):
             if p.is_file():
                 h.update(p.name.encode() + p.read_bytes())
     else:
-        return tokenize(loaded, source)
+        return tokenize(loaded, source, text_column, system)
     tok = loaded.tokenizer
-    h.update(f"{type(tok).__name__}|{tok.name_or_path}|{len(tok)}|{loaded.add_bos}|{str(source).endswith('.jsonl')}".encode())
+    h.update(f"{type(tok).__name__}|{tok.name_or_path}|{len(tok)}|{loaded.add_bos}|{Path(source).suffix}".encode())
+    h.update(json.dumps([FORMAT, text_column, system]).encode())
     h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode()[:1_000_000])
     cache = assets.cache_dir() / "tokens" / f"{h.hexdigest()[:24]}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             return z["ids"], (z["labels"] if "labels" in z else None)
-    ids, labels = tokenize(loaded, source)
+    ids, labels = tokenize(loaded, source, text_column, system)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, ids=ids, **({"labels": labels} if labels is not None else {}))
@@ -169,11 +169,15 @@ class Blocks:
             skip = 0
 
 
-def load_blocks(loaded, source: str, seq_len: int, held_out: float = 0.05, max_held: int = 32) -> Blocks:
-    """Tokenize `source`, pack it into blocks of `seq_len`, and split off a held-out tail."""
+def load_blocks(loaded, source: str, seq_len: int, held_out: float = 0.05, max_held: int = 32,
+                text_column: str | None = None, system: str | None = None) -> Blocks:
+    """Tokenize `source`, pack it into blocks of `seq_len`, and split off a held-out tail.
+
+    Records are packed back to back: a block may end inside one record and the next block
+    go on with it; the labels travel with the ids, so every token keeps its own loss mask."""
     if seq_len <= 0:
         raise UserError(f"--seq-len must be a positive number of tokens, got {seq_len}")
-    ids, labels = cached_tokens(loaded, source)
+    ids, labels = cached_tokens(loaded, source, text_column, system)
     n = len(ids) // seq_len
     if n < 2:
         raise UserError(

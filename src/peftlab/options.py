@@ -21,7 +21,9 @@ else:  # pragma: no cover
 D = TrainConfig()  # the defaults every command shares
 
 MODEL = typer.Option(..., "--model", "-m", help="alias (smollm2-135m, tiny-llama, ...), .gguf file, HF folder or hub id")
-DATA = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, or a .jsonl of chat records")
+DATA = typer.Option(..., "--data", "-d", help="moby-dick, alice, a text file or folder, records (.jsonl .json .csv .tsv .parquet) or a datasets folder")
+TEXT_COLUMN = typer.Option(None, "--text-column", help="record files: the column holding the text or the messages")
+SYSTEM = typer.Option(None, "--system", help="chat records: the system prompt for conversations that have none")
 STRATEGY = typer.Option("full", "--strategy", "-s",
                         help="NAME[:key=value,...], methods stacked with /, e.g. lora:r=8; S@LR trains S at learning rate LR")
 STRATEGIES = typer.Option(..., "--strategy", "-s", help="repeat for each strategy; S@LR trains S at learning rate LR")

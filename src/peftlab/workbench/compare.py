@@ -28,7 +28,8 @@ def slug(spec: str) -> str:
 
 
 def compare(model: str, data: str, strategies: list, out: Path, config: TrainConfig, forget: str | None = "auto",
-            samples: int = 3, gen_tokens: int = 48, prompt_tokens: int = 16, show: bool = True, log=print) -> dict:
+            samples: int = 3, gen_tokens: int = 48, prompt_tokens: int = 16, show: bool = True, log=print,
+            data_options: dict | None = None) -> dict:
     """Run every strategy (resuming finished ones), then write results.json, summary.md, report.html."""
     from .report import write_report
 
@@ -49,6 +50,8 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
         job = {"model": model, "data": data, "strategy": spec, "label": entry, "forget": forget,
                "config": asdict(config) | {"lr": lr}, "samples": samples, "gen_tokens": gen_tokens,
                "prompt_tokens": prompt_tokens, "show": show}
+        if data_options and any(v is not None for v in data_options.values()):
+            job["data_options"] = data_options
         done = folder / "result.json"
         if done.exists() and (folder / "job.json").exists() and _same_job(json.loads((folder / "job.json").read_text()), job):
             log(f"[{i}/{len(jobs)}] {entry}: already done, reusing {done}")

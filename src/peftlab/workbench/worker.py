@@ -48,7 +48,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     with phase(f"loading {job['model']}", show):
         loaded = models.load(job["model"], seed=cfg.seed)
     digest = weights_digest(loaded.model)
-    blocks = data.load_blocks(loaded, job["data"], cfg.seq_len)
+    blocks = data.load_blocks(loaded, job["data"], cfg.seq_len, **job.get("data_options", {}))
     forget = data.load_blocks(loaded, job["forget"], cfg.seq_len, held_out=1.0, max_held=16) if job.get("forget") else None
     top = top_tokens(blocks.train_ids)
     prompt = blocks.held_ids[:1, : job["prompt_tokens"]].to(device)
