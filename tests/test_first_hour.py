@@ -152,3 +152,62 @@ def test_progress_piped_to_a_file_shows_while_the_run_goes(text_file, tmp_path):
     assert 20 <= len(steps) <= 40  # every 20th step (and on time), not every step
     assert "held-out 5." in steps[-1] and "ETA" in steps[-1]
     assert "\x1b[" not in text  # no terminal escapes in a log file
+
+
+def test_report_merges_comparisons_and_train_runs_across_time(cli, text_file, tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=3e-3)
+    compare("tiny-llama", str(text_file), ["full", "lora:r=2@1e-2"], tmp_path / "monday", cfg, forget=None, samples=1,
+            gen_tokens=4, show=False, log=lambda *a: None)
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "dora:r=2", "--steps", 4, "--seq-len", 32,
+                       "--batch-size", 2, "--quiet", "-o", tmp_path / "tuesday")
+    assert code == 0, err
+    code, out, err = cli("report", tmp_path / "monday", tmp_path / "tuesday", "--out", tmp_path / "all.html")
+    assert code == 0, err
+    assert "| monday: full |" in out and "| tuesday: dora:r=2 |" in out
+    html = (tmp_path / "all.html").read_text()
+    runs = html[html.index('id="runs-table"'):html.index("</table>", html.index('id="runs-table"'))]
+    assert runs.count("<tr>") == 4 and "UTC" in runs and "2.13" in runs and str(tmp_path / "tuesday") in runs
+    assert 'id="fig-drift"' in html  # from the comparison; the train run simply has no drift
+    hover = [json.loads(__import__("html").unescape(h)) for h in re.findall(r"data-hover='([^']*)'", html)]
+    labels = {s["label"] for boxes in hover for b in boxes for s in b["series"]}
+    assert {"monday: full", "monday: lora:r=2@1e-2", "tuesday: dora:r=2"} <= labels
+    for boxes in hover:
+        for b in boxes:
+            assert 0 <= b["box"][0] < b["box"][2] <= 1 and 0 <= b["box"][1] < b["box"][3] <= 1
+    # Another model is refused unless asked for; an unfinished run is refused.
+    code, _, err = cli("train", "-m", "tiny-gpt2", "-d", text_file, "--steps", 2, "--seq-len", 32, "--quiet",
+                       "-o", tmp_path / "other")
+    assert code == 0, err
+    code, _, err = cli("report", tmp_path / "monday", tmp_path / "other", "--out", tmp_path / "x.html")
+    assert code == 2 and "--allow-mixed" in err and "tiny-gpt2" in err and not (tmp_path / "x.html").exists()
+    assert cli("report", tmp_path / "monday", tmp_path / "other", "--out", tmp_path / "x.html", "--allow-mixed")[0] == 0
+    shutil.copytree(tmp_path / "tuesday", tmp_path / "killed")
+    run = json.loads((tmp_path / "killed" / "run.json").read_text())
+    del run["result"]
+    (tmp_path / "killed" / "run.json").write_text(json.dumps(run))
+    code, _, err = cli("report", tmp_path / "killed", "--out", tmp_path / "y.html")
+    assert code == 2 and "unfinished" in err
+    # Hover works in a real browser: a pointer over the first loss plot shows every curve's value.
+    from test_workbench import chromium
+
+    browser = chromium()
+    if browser:
+        probe = html.replace("</body>", """<script>window.addEventListener("load", function () {
+          var img = document.querySelector("#fig-loss img"), b = JSON.parse(img.getAttribute("data-hover"))[0].box;
+          var r = img.getBoundingClientRect();
+          img.dispatchEvent(new MouseEvent("mousemove", {clientX: r.left + r.width * (b[0] + b[2]) / 2,
+                                                          clientY: r.top + r.height * (b[1] + b[3]) / 2}));
+          document.body.setAttribute("data-tip", document.getElementById("tip").textContent.replace(/\\n/g, " | "));
+        });</script></body>""")
+        (tmp_path / "probe.html").write_text(probe)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True,
+                             text=True, timeout=120).stdout
+        tip = re.search(r'data-tip="([^"]*)"', dom).group(1)
+        assert tip.startswith("train loss") and "monday: full:" in tip and "tuesday: dora:r=2:" in tip, tip

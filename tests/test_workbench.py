@@ -82,7 +82,7 @@ def test_compare_runs_isolated_resumes_and_reports(tmp_path, text_file):
     table = (tmp_path / "cmp" / "summary.md").read_text()
     assert "| full |" in table and "| lora:r=4@1e-2 |" in table
     html = (tmp_path / "cmp" / "report.html").read_text()
-    assert html.count("<img ") == 7 and "http" not in html.replace("http-equiv", "")
+    assert html.count("<img ") == 9 and "http" not in html.replace("http-equiv", "")
     # an interrupted comparison resumes: only the missing strategy runs again
     (tmp_path / "cmp" / "strategies" / "lora_r=4_1e-2" / "result.json").unlink()
     lines.clear()
@@ -118,9 +118,9 @@ def test_report_renders_in_headless_chromium(tmp_path, text_file):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([browser, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-figures="7"' in dom and 'data-figures-loaded="7"' in dom
-    for fig in ("fig-loss", "fig-time", "fig-memory", "fig-pareto", "fig-drift", "fig-step-change", "fig-style-forgetting",
-                "samples-table", 'id="summary"'):
+    assert 'data-figures="9"' in dom and 'data-figures-loaded="9"' in dom
+    for fig in ("fig-loss", "fig-loss-cost", "fig-lr-grad", "fig-time", "fig-memory", "fig-pareto", "fig-drift",
+                "fig-step-change", "fig-style-forgetting", "samples-table", 'id="summary"', 'id="runs-table"'):
         assert fig in dom
     shot = tmp_path / "report.png"
     subprocess.run([browser, *flags, "--window-size=1300,2400", f"--screenshot={shot}", page], capture_output=True,

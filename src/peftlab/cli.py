@@ -3,6 +3,7 @@
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
@@ -133,10 +134,13 @@ def train(
         blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
     prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
+    from .params import count
+
+    trainable, total = count(loaded.model)["total"]
     run_file = out_dir / "run.json"
     previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
     run = {"command": "train", "model": model, "data": data, "data_options": {"text_column": text_column, "system": system},
-           "strategy": prepared.spec, "config": config_dict(cfg),
+           "strategy": prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
            "processes": distributed.world_size(), "versions": runtime.versions(),
            "hardware": runtime.hardware(runtime.pick_device(device)),
            "data_tokens": blocks.n_tokens, "train_blocks": len(blocks.train_ids), "held_out_blocks": len(blocks.held_ids)}
@@ -158,6 +162,7 @@ def train(
     run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": evals[0] if evals else None,
                      "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": size, "base_fp32_bytes": base_bytes,
                      "skipped_steps": sum(1 for r in records if r.get("skipped"))}
+    run["finished_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(run_file, run)
     if evals:
         out.print(f"held-out loss {evals[0]:.4f} → {evals[-1]:.4f} in {steps} steps")
@@ -304,6 +309,26 @@ def bench(
     if out_file:
         write_results(result, out_file)
         out.print(f"written: {out_file}")
+
+
+@app.command()
+def report(
+    folders: List[Path] = typer.Argument(..., help="finished comparison folders and train run folders, from any day"),
+    out_file: Path = typer.Option(..., "--out", "-o", help="the HTML file to write"),
+    allow_mixed: bool = typer.Option(False, "--allow-mixed", help="allow runs of different models or data in one report"),
+    title: str = typer.Option("peftlab comparison", "--title", help="the report's heading"),
+):
+    """Put finished comparisons and train runs into one self-contained report.html."""
+    from .files import write_text
+    from .workbench.report import markdown_table, page, rows
+    from .workbench.runs import collect
+
+    if out_file.exists() and out_file.is_dir():
+        raise UserError(f"--out {out_file} is a folder; give the HTML file to write, e.g. {out_file / 'report.html'}")
+    summary = collect(folders, allow_mixed)
+    write_text(out_file, page(summary, title))
+    print(markdown_table(rows(summary)))
+    out.print(f"report: {out_file.resolve()}")
 
 
 @app.command()

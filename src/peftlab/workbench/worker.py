@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import fields
 from pathlib import Path
 
@@ -95,6 +96,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
         "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
         "optimizer_state_bytes": opt_bytes[0],
         "train_loss": [[r["step"], r["loss"]] for r in steps],
+        "lr": [[r["step"], r["lr"]] for r in steps], "grad_norm": [[r["step"], r["grad_norm"]] for r in steps],
         "eval_loss": [[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r],
         "weight_change": {"step": tracker.steps, "drift": tracker.final_drift(initial),
                           "tracking_s": tracker.seconds,
@@ -105,6 +107,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
         "samples": {"prompt": loaded.tokenizer.decode(prompt[0]), "before": before["sample"], "after": after["sample"]},
         "artifact_bytes": artifacts.size_on_disk(adapter), "artifact_format": artifacts.kind(adapter),
         "hardware": runtime.hardware(device), "versions": runtime.versions(), "pid": os.getpid(),
+        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
