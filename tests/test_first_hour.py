@@ -104,7 +104,7 @@ def test_run_config_file_holds_any_option_and_flags_win(cli, text_file, tmp_path
     assert (run["config"]["steps"], run["config"]["seq_len"], run["config"]["batch_size"], run["strategy"]) == (3, 32, 2, "lora:r=2")
     config.write_text(config.read_text() + "stepz = 4\n")
     code, _, err = cli("train", "--config", config)
-    assert code == 2 and "'stepz' is not an option of peftlab train (did you mean: steps?)" in err
+    assert code == 2 and "'stepz' is not an option of peftlab train (did you mean: steps" in err
     config.write_text("[oops\n")
     code, _, err = cli("compare", "--config", config)
     assert code == 2 and "not valid TOML" in err

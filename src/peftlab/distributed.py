@@ -59,7 +59,7 @@ def init(device: torch.device) -> torch.device:
                             f"{os.environ.get('LOCAL_WORLD_SIZE')} processes per node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    elif "PEFTLAB_THREADS" not in os.environ:
+    else:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     if not dist.is_initialized():

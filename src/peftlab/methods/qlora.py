@@ -60,7 +60,7 @@ def storage_bytes(model) -> int:
     return total
 
 
-@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8"), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init")})
+@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init")})
 def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):
