@@ -120,3 +120,22 @@ def test_batch_must_split_evenly_between_processes(cli, text_file, tmp_path):
     code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "--batch-size", 4, "--nproc", 3, "-o", tmp_path / "x")
     assert code == 2 and "multiple of the 3 processes" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_uneven_loss_masks_weight_each_process_by_its_tokens(tmp_path):
+    """Chat records learn only assistant tokens, so the two halves of a batch hold different
+    numbers of targets: each process's loss is weighted by its share, and 2 processes still
+    compute the 1-process loss (a plain mean of the two halves would not)."""
+    rows = []
+    for i in range(40):
+        answer = "Ahab." if i % 2 else "The white whale, whose name is Moby Dick, and the ship is the Pequod." * 2
+        rows.append({"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["train", "-m", "tiny-llama", "-d", data, "-s", "lora:r=4", "--seq-len", 48, "--steps", 4, "--lr", 1e-3,
+            "--eval-every", 2, "--quiet"]
+    one = peftlab(*args, "-o", tmp_path / "one")
+    two = peftlab(*args, "-o", tmp_path / "two", "--nproc", 2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-2000:]
+    read = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert_same_run(read(tmp_path / "one"), read(tmp_path / "two"), "chat")
