@@ -16,6 +16,9 @@ from .errors import UserError
 from .files import atomic_dir
 
 REAL = {"smollm2-135m": False, "gemma3-270m": True}  # alias -> tokenizer lacks <bos>
+# The same weights upstream, for artifacts that other tools must resolve (peft's
+# AutoPeftModelForCausalLM reads base_model_name_or_path).
+UPSTREAM = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 ALIASES = tuple(REAL) + tiny.TINY
 
 
@@ -114,3 +117,14 @@ def load(spec: str, seed: int = 0) -> Loaded:
         f"unknown model '{spec}': give a built-in alias ({', '.join(ALIASES)}), "
         "a .gguf file, a local Hugging Face folder, or a hub id"
     )
+
+
+def reference(spec: str) -> str:
+    """The name by which tools outside peftlab find the base `spec`: the upstream hub id of a
+    packaged alias, the absolute path of a local folder or file, a hub id as given. (Tiny
+    test models have no such name; their alias is kept.)"""
+    spec = str(spec)
+    if spec in UPSTREAM:
+        return UPSTREAM[spec]
+    path = Path(os.path.expanduser(spec))
+    return str(path.resolve()) if spec not in tiny.TINY and path.exists() else spec

@@ -55,7 +55,11 @@ def _lora_hosts(model, name):
 def save(model, steps: list, folder: Path, name: str = "default", base_model: str = "") -> None:
     """Write `name`'s adapter in peft's layout into `folder` (the caller makes it atomic)."""
     kind = expressible(steps)
-    common = {"base_model_name_or_path": base_model or None, "task_type": "CAUSAL_LM", "inference_mode": True,
+    from ..models import reference
+
+    # Other tools resolve the base by this name; peftlab's own name for it rides in the
+    # tensors file's metadata.
+    common = {"base_model_name_or_path": reference(base_model) if base_model else None, "task_type": "CAUSAL_LM", "inference_mode": True,
               "revision": None, "modules_to_save": None, "auto_mapping": None}
     c = model.config
     if kind == "lora":
@@ -97,7 +101,8 @@ def save(model, steps: list, folder: Path, name: str = "default", base_model: st
         raise ValueError("not expressible in peft's format")
     from ..files import write_json
 
-    write_tensors(folder / TENSORS, {k: v.float() for k, v in tensors.items()})
+    write_tensors(folder / TENSORS, {k: v.float() for k, v in tensors.items()},
+                  metadata={"peftlab_base_model": base_model} if base_model else None)
     write_json(folder / CONFIG, config)
 
 

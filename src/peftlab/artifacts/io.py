@@ -45,7 +45,7 @@ def read_tensors(path: Path) -> dict:
         raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
-def write_tensors(path: Path, tensors: dict) -> None:
+def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     """Write an adapter's tensors, refusing an empty or non-finite one, and read the file back
     to check it holds every tensor whole (a sharded run must never leave empty placeholders)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -56,7 +56,7 @@ def write_tensors(path: Path, tensors: dict) -> None:
             raise UserError(f"{path.name}: tensor {k} is empty; refusing to write an incomplete adapter")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f"tensor {k} holds NaN or Inf; refusing to write a broken adapter")
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata={"format": "pt"} | (metadata or {}))
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -20,12 +20,14 @@ import torch
 from ..errors import UserError
 from ..methods import REGISTRY, parse_strategy, prepare, trainable_parameters
 from ..methods.prefix import PrefixKV
+from ..models import reference
 from ..spec import Step
 from .io import check_fingerprint, fingerprint, read_json, read_tensors, write_tensors
 
 CONFIG = "peftlab_config.json"
 TENSORS = "adapter.safetensors"
-KNOWN = {"format", "version", "strategy", "architecture", "base_model", "fingerprint", "step", "name"}
+KNOWN = {"format", "version", "strategy", "architecture", "base_model", "base_model_name_or_path", "fingerprint", "step",
+         "name"}
 SLOTS = ("lora", "adapter", "prefix", "prompt")
 
 
@@ -72,6 +74,7 @@ def save(model, prepared, folder: Path, base_model: str = "", extra: dict | None
     write_json(folder / CONFIG, {
         "format": "peftlab", "version": 1, "strategy": "/".join(map(str, steps)),
         "architecture": model.config.model_type, "base_model": base_model,
+        "base_model_name_or_path": reference(base_model) if base_model else None,
         "fingerprint": fingerprint(model, set(tensors) | _added_names(model)), **(extra or {}),
     })
 
