@@ -85,11 +85,11 @@ def train(
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="skip a step whose loss or gradient is NaN/Inf instead of stopping"),
     nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
-    grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE, quiet: bool = o.QUIET,
-    config: Optional[Path] = o.CONFIG,
+    grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE, report_to: str = o.REPORT_TO,
+    quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import artifacts, checkpoint, data as data_mod, distributed, methods, models, runtime
+    from . import artifacts, checkpoint, data as data_mod, distributed, methods, models, report_to as report_to_mod, runtime
     from .files import write_json
     from .train import TrainConfig, config_dict, train as run_training
 
@@ -103,6 +103,7 @@ def train(
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     methods.parse_strategy(strategy)
+    report_to_mod.check(report_to)
     if batch_size % max(nproc, distributed.world_size()):
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {max(nproc, distributed.world_size())} "
                         "processes (each takes an equal share of every batch)")
@@ -151,8 +152,12 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, run)
     start = time.perf_counter()
-    records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=show, resume=resume,
-                           identity={"model": model, "data": data})
+    tracker = report_to_mod.Tracker(report_to if main_process else "none", out_dir / "tensorboard")
+    try:
+        records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=show, resume=resume,
+                               identity={"model": model, "data": data}, on_record=tracker.log)
+    finally:
+        tracker.close()
     with phase("saving the adapter", show):
         folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
     if not main_process:
@@ -246,13 +251,14 @@ def compare(
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE,
+    report_to: str = o.REPORT_TO,
     forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train several strategies from identical weights on identical batches; write report.html."""
-    from . import data as data_mod, models, runtime
+    from . import data as data_mod, models, report_to as report_to_mod, runtime
     from .train import TrainConfig
     from .workbench import compare as run_compare
 
@@ -262,6 +268,7 @@ def compare(
     o.out_folder(out_dir)
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
+    report_to_mod.check(report_to)
     loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
     data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
@@ -269,7 +276,7 @@ def compare(
                       compile=compile)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                           samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
-                          data_options={"text_column": text_column, "system": system})
+                          data_options={"text_column": text_column, "system": system}, report_to=report_to)
     print((out_dir / "summary.md").read_text())
     out.print(f"report: {(out_dir / 'report.html').resolve()}")
     return summary

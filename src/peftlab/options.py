@@ -41,6 +41,7 @@ CHECKPOINT_EVERY = typer.Option(D.checkpoint_every, "--checkpoint-every",
                                 help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)")
 GRAD_CHECKPOINT = typer.Option(D.grad_checkpoint, "--grad-checkpoint", help="recompute activations in backward: less memory, more time")
 COMPILE = typer.Option(D.compile, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one")
+REPORT_TO = typer.Option("none", "--report-to", help="none | tensorboard: also log every step to TensorBoard (in the output folder)")
 QUIET = typer.Option(False, "--quiet", help="no progress output")
 CONFIG = typer.Option(None, "--config", help="a TOML file holding any of this command's options (flags given here win)")
 

@@ -100,11 +100,12 @@ def run_identity(model, blocks, prepared, cfg: TrainConfig, extra: dict | None =
 
 
 def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on_step=None, show=True,
-          resume: bool = False, identity: dict | None = None) -> list[dict]:
+          resume: bool = False, identity: dict | None = None, on_record=None) -> list[dict]:
     """Train `model` (already prepared by a strategy) on `blocks`; return the metric records.
 
     `on_step(step, record, optimizer)` is called after every optimizer step (before the record
-    is written), e.g. to measure weight change; it may add keys to `record`. With `resume`,
+    is written), e.g. to measure weight change; it may add keys to `record`. `on_record(record)`
+    sees every record as it is written (the step-0 evaluation too), e.g. for a tracker. With `resume`,
     training continues from the newest checkpoint in `out` (from the start if there is none).
     `identity` adds entries (e.g. the model's and data's names) to what a resume must match.
     """
@@ -166,6 +167,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        if on_record and main:
+            on_record(record)
 
     def evaluate():
         return held_out_loss(model, blocks, device, dtype, cfg.batch_size, forward=loss_module)

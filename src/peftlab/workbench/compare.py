@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..files import write_json
 from ..methods import parse_strategy
+from ..report_to import replay
 from ..spec import split_lr
 from ..train import TrainConfig
 
@@ -29,7 +30,7 @@ def slug(spec: str) -> str:
 
 def compare(model: str, data: str, strategies: list, out: Path, config: TrainConfig, forget: str | None = "auto",
             samples: int = 3, gen_tokens: int = 48, prompt_tokens: int = 16, show: bool = True, log=print,
-            data_options: dict | None = None) -> dict:
+            data_options: dict | None = None, report_to: str = "none") -> dict:
     """Run every strategy (resuming finished ones), then write results.json, summary.md, report.html."""
     from .report import write_report
 
@@ -49,13 +50,16 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
         folder = out / "strategies" / slug(entry)
         job = {"model": model, "data": data, "strategy": spec, "label": entry, "forget": forget,
                "config": asdict(config) | {"lr": lr}, "samples": samples, "gen_tokens": gen_tokens,
-               "prompt_tokens": prompt_tokens, "show": show}
+               "prompt_tokens": prompt_tokens, "show": show, "report_to": report_to,
+               "tensorboard": str(out / "tensorboard" / slug(entry))}
         if data_options and any(v is not None for v in data_options.values()):
             job["data_options"] = data_options
         done = folder / "result.json"
         if done.exists() and (folder / "job.json").exists() and _same_job(json.loads((folder / "job.json").read_text()), job):
             log(f"[{i}/{len(jobs)}] {entry}: already done, reusing {done}")
             results.append(json.loads(done.read_text()))
+            if report_to != "none" and not Path(job["tensorboard"]).exists():  # logged from its metrics instead
+                replay(report_to, folder / "metrics.jsonl", Path(job["tensorboard"]))
             continue
         folder.mkdir(parents=True, exist_ok=True)
         done.unlink(missing_ok=True)
@@ -77,7 +81,7 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
     return summary
 
 
-DISPLAY_ONLY = {"show"}  # options that change what is printed, not what is measured
+DISPLAY_ONLY = {"show", "report_to", "tensorboard"}  # what changes the output shown, not what is measured
 
 
 def _same_job(saved: dict, job: dict) -> bool:

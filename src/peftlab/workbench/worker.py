@@ -22,6 +22,7 @@ from ..files import write_json
 from ..methods.qlora import storage_bytes
 from ..params import count
 from ..progress import phase
+from ..report_to import Tracker
 from ..train import TrainConfig, held_out_loss, train
 from .style import greedy_text, style_share, top_tokens
 from .tracking import WeightTracker
@@ -71,12 +72,17 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     tracker = WeightTracker(loaded.model, will_train)
     opt_bytes = [0]
 
+    board = Tracker(job.get("report_to", "none"), Path(job.get("tensorboard", folder / "tensorboard")))
+
     def on_step(step, record, opt):
         record["track_time"] = tracker.step(opt)
         opt_bytes[0] = max(opt_bytes[0], optimizer_bytes(opt))
 
     start = time.perf_counter()
-    records = train(loaded.model, blocks, prepared, cfg, out=folder, on_step=on_step, show=show)
+    try:
+        records = train(loaded.model, blocks, prepared, cfg, out=folder, on_step=on_step, show=show, on_record=board.log)
+    finally:
+        board.close()
     total = time.perf_counter() - start
     train_peak = max(r.get("peak_mem", 0) for r in records)
     with phase("sampling and scoring after training", show):
