@@ -1,0 +1,91 @@
+"""peftlab strategies under HF Trainer and TRL's SFTTrainer: checkpoints and final saves are
+small adapters (peft's format for LoRA), resume_from_checkpoint works, nothing of the base."""
+
+import json
+
+import pytest
+import torch
+
+from peftlab import artifacts, load_blocks, load_model, prepare
+from peftlab.trainer import adapter_trainer
+
+
+def rows(loaded, text_file, n=16):
+    blocks = load_blocks(loaded, str(text_file), 32)
+    return [{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in blocks.train_ids[:n]]
+
+
+def args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4,
+                save_steps=2, logging_steps=1, report_to=[], seed=0, use_cpu=True, save_strategy="steps")
+    return TrainingArguments(**(base | kw))
+
+
+def logits(model, loaded):
+    ids = torch.tensor([loaded.encode("Call me Ishmael. Some years ago")])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def train_lora(tmp_path, text_file, max_steps=4, resume=None, **kw):
+    from transformers import Trainer
+
+    loaded = load_model("tiny-llama")
+    prepared = prepare(loaded.model, "lora:r=4,targets=all-linear")
+    trainer = adapter_trainer(Trainer)(model=loaded.model, args=args(tmp_path, max_steps=max_steps, **kw),
+                                       train_dataset=rows(loaded, text_file), prepared=prepared, base_model="tiny-llama")
+    trainer.train(resume_from_checkpoint=resume)
+    return loaded, trainer
+
+
+def test_trainer_checkpoints_are_small_peft_adapters_and_resume(tmp_path, text_file):
+    from peft import PeftModel
+
+    loaded, trainer = train_lora(tmp_path, text_file)
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "optimizer.pt"} <= names
+    assert "config.json" not in names  # AutoModelForCausalLM must refuse it rather than drop the adapter
+    adapter_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters() if not p.requires_grad)
+    assert adapter_bytes < base_bytes / 3
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # peft and peftlab load the final adapter with the trained model's logits
+    want = logits(loaded.model, loaded)
+    theirs = PeftModel.from_pretrained(load_model("tiny-llama").model, str(tmp_path / "final")).eval()
+    ours = load_model("tiny-llama")
+    artifacts.load(ours.model, tmp_path / "final")
+    torch.testing.assert_close(logits(theirs, loaded), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours.model, ours), want, atol=1e-5, rtol=0)
+    # resume from checkpoint-2 alone: the same final weights as the uninterrupted run
+    import shutil
+
+    shutil.copytree(tmp_path / "out" / "checkpoint-2", tmp_path / "resume" / "out" / "checkpoint-2")
+    resumed, trainer3 = train_lora(tmp_path / "resume", text_file, resume=True)
+    assert trainer3.state.global_step == 4
+    torch.testing.assert_close(logits(resumed.model, resumed), want, atol=1e-5, rtol=0)
+
+
+def test_trl_sft_trainer_saves_adapters(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    loaded = load_model("tiny-llama")
+    prepared = prepare(loaded.model, "lora:r=4")
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": f"Who is the captain? ({i})"},
+                                            {"role": "assistant", "content": "Ahab, of the Pequod."}]} for i in range(16)])
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                           learning_rate=1e-2, report_to=[], use_cpu=True, max_length=64, logging_steps=1,
+                           bf16=False)  # TRL defaults to bf16 autocast, which stays on the trained model's forward
+    trainer = adapter_trainer(trl.SFTTrainer)(model=loaded.model, args=config, train_dataset=data,
+                                              processing_class=loaded.tokenizer, prepared=prepared)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    ckpt = tmp_path / "sft" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "config.json").exists()
+    ours = load_model("tiny-llama")
+    artifacts.load(ours.model, tmp_path / "final")
+    torch.testing.assert_close(logits(ours.model, ours), logits(loaded.model.eval(), loaded), atol=1e-5, rtol=0)
