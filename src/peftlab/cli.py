@@ -339,6 +339,44 @@ def report(
 
 
 @app.command()
+def export(
+    model: str = o.MODEL,
+    out_file: Path = typer.Option(..., "--out", "-o", help="the .gguf file to write"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="adapter folder to merge in (or to export alone with --lora-only)"),
+    format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama)"),
+    dtype: str = typer.Option("f16", "--dtype", help="f32 | f16 | bf16 | q8_0 (matrices; norms stay f32)"),
+    lora_only: bool = typer.Option(False, "--lora-only", help="write the LoRA alone as llama.cpp's LoRA GGUF"),
+):
+    """Write a model (with its adapter merged in) or a LoRA as GGUF for llama.cpp and Ollama."""
+    from . import artifacts, models
+    from .export import TYPES, export_lora, export_model
+    from .merge import merge_and_unload
+
+    if format != "gguf":
+        raise UserError(f"--format must be gguf, got '{format}'")
+    if dtype not in TYPES:
+        raise UserError(f"--dtype for GGUF must be one of {', '.join(TYPES)}, got '{dtype}'")
+    if lora_only and adapter is None:
+        raise UserError("--lora-only needs --adapter")
+    if out_file.is_dir():
+        raise UserError(f"--out {out_file} is a folder; give the .gguf file to write")
+    if adapter is not None:
+        artifacts.kind(adapter)
+    with phase(f"loading {model}", True):
+        loaded = models.load(model)
+        if adapter is not None:
+            artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with phase(f"writing {out_file}", True):
+        if lora_only:
+            export_lora(loaded.model, out_file, dtype="f32" if dtype == "q8_0" else dtype)
+        else:
+            merged = merge_and_unload(loaded.model) if adapter is not None else loaded.model
+            export_model(merged, loaded.tokenizer, out_file, dtype=dtype, name=str(model))
+    out.print(f"{'LoRA' if lora_only else 'model'}: {out_file} ({out_file.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
 def merge(
     model: str = o.MODEL,
     adapter: Path = typer.Option(..., "--adapter", "-a", help="adapter folder (peft or peftlab format)"),
