@@ -101,3 +101,12 @@ def test_checkpoints_are_written_during_training(cli, text_file, tmp_path):
     assert code == 0, err
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "state.safetensors").exists()
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_named_lora_adapter_trains_and_saves(cli, text_file, tmp_path):
+    import json
+
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=2,name=moby", "--steps", 2,
+                       "--seq-len", 32, "--quiet", "-o", tmp_path / "run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2

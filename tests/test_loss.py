@@ -65,3 +65,22 @@ def test_head_runs_in_the_autocast_dtype_even_after_an_fp32_norm(monkeypatch):
     assert seen == [torch.bfloat16]
     assert float(ours) == pytest.approx(float(theirs), rel=1e-2)
     assert loaded.model.model.norm.weight.grad.dtype == torch.float32
+
+
+def test_evaluation_of_a_trained_head_builds_no_gradients(monkeypatch):
+    """Under no_grad the chunked loss asks for no logit gradients, even when the head trains."""
+    from peftlab import load_model, prepare
+    from peftlab import loss as loss_mod
+
+    loaded = load_model("tiny-llama")
+    prepare(loaded.model, "full")  # the head requires grad
+    asked = []
+    real = loss_mod._chunk
+    monkeypatch.setattr(loss_mod, "_chunk", lambda *a: asked.append(a[4]) or real(*a))
+    ids = torch.tensor([loaded.encode("Call me Ishmael. Some years ago")])
+    with torch.no_grad():
+        loss_mod.causal_lm_loss(loaded.model, ids, ids)
+    assert asked and not any(asked)
+    asked.clear()
+    loss_mod.causal_lm_loss(loaded.model, ids, ids).backward()
+    assert asked and all(asked)

@@ -126,3 +126,17 @@ def test_report_renders_in_headless_chromium(tmp_path, text_file):
     subprocess.run([browser, *flags, "--window-size=1300,2400", f"--screenshot={shot}", page], capture_output=True,
                    timeout=120)
     assert shot.exists() and shot.stat().st_size > 50_000
+
+
+def test_tracker_scratch_lives_on_the_weights_device():
+    import torch
+
+    from peftlab import load_model, prepare
+    from peftlab.methods import trainable_parameters
+    from peftlab.workbench.tracking import WeightTracker
+
+    loaded = load_model("tiny-llama")
+    prepare(loaded.model, "full")
+    loaded.model.to("meta")  # any device other than the CPU (a GPU in real use)
+    tracker = WeightTracker(loaded.model, set(trainable_parameters(loaded.model)))
+    assert tracker._buffer.device == torch.device("meta")

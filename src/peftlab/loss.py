@@ -50,9 +50,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i Wᵀ, t_i) for h (n, d), W (V, d); gradients computed in forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap, chunk, fused=False):
+    def forward(ctx, h, weight, targets, softcap, chunk, fused=False, grad_enabled=True):
         w = weight.to(h.dtype)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad follows requires_grad even under no_grad: evaluation of a model whose
+        # head trains would still build the (n, V) logit gradients. The caller's grad mode decides.
+        want_h, want_w = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
         grad_h = torch.empty_like(h) if want_h else None
         # A trained head needs d(loss)/d(logits) of every position for one (V, n) @ (n, d)
         # product: kept in the compute dtype (bf16: half of transformers' fp32 logits), which is
@@ -77,7 +79,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None)
+                grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
 
 
 def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,5 +127,5 @@ def causal_lm_loss_sum(model, input_ids, labels, chunk: int = 256, fused: bool =
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly here
-        total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused)
+        total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused, torch.is_grad_enabled())
     return total, keep.sum()

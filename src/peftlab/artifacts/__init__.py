@@ -20,6 +20,9 @@ def save(model, prepared, folder, name: str = "default", base_model: str = "", e
 
     In a distributed run every process calls this (a sharded model is gathered whole for
     the moment) and only rank 0 writes."""
+    named = {s.options["name"] for s in prepared.steps if "name" in s.options}
+    if name == "default" and len(named) == 1:  # the strategy named its adapter (lora:name=x): save that one
+        name = named.pop()
     check_name(name)
     folder = Path(folder)
     with distributed.whole_model(model):

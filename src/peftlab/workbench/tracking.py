@@ -54,7 +54,9 @@ class WeightTracker:
                 self.lora.append([f"{host_name}.weight", delta, layer, A0, B0, A0, B0, eff, eff])
         self.added = {n: (p, p.detach().clone(), p.detach().clone()) for n, p in params.items()
                       if n in will_train and places[n].component == "added" and p.dim() == 2 and id(p) not in lora_params}
-        self._buffer = torch.empty(max((p.numel() for p in self.base.values()), default=0))  # reused scratch
+        # reused scratch, on the weights' device (a CPU buffer cannot hold a GPU update)
+        device = next(iter(self.base.values())).device if self.base else torch.device("cpu")
+        self._buffer = torch.empty(max((p.numel() for p in self.base.values()), default=0), device=device)
         self.steps: dict[str, list] = {}  # matrix -> [‖W_t − W_{t−1}‖_F per step]
         self._drift: dict[str, float] = {}
         self.seconds = 0.0
