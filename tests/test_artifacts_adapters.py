@@ -102,3 +102,19 @@ def test_per_row_adapters_equal_each_row_alone(tmp_path, second):
     torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=0)
     enable_adapter_names_kwarg(base.model)
     torch.testing.assert_close(base.model(input_ids=ids, adapter_names=routing).logits, mixed, atol=0, rtol=0)
+
+
+def test_routing_is_switched_off_when_a_forward_raises():
+    import pytest
+    import torch
+
+    from peftlab import adapters, load_model, prepare
+    from peftlab.methods.attach import ROWS
+
+    loaded = load_model("tiny-llama")
+    prepare(loaded.model, "lora:r=2")
+    adapters.enable_adapter_names_kwarg(loaded.model)
+    bad = torch.full((1, 4), 10_000)  # past the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        loaded.model(input_ids=bad, adapter_names=["default"])
+    assert ROWS.names is None

@@ -103,7 +103,7 @@ def enable_adapter_names_kwarg(model) -> None:
     if "_peftlab_route" not in model.__dict__:
         model.__dict__["_peftlab_route"] = (
             model.register_forward_pre_hook(_route_kwarg, with_kwargs=True),
-            model.register_forward_hook(_unroute),
+            model.register_forward_hook(_unroute, always_call=True),  # also when the forward raises
         )
 
 
