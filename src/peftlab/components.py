@@ -19,7 +19,6 @@ class Arch:
     attn: str  # attention module, relative to a block
     mlp: str  # MLP module, relative to a block
     proj: dict = field(default_factory=dict)  # projection module name -> 'q' | 'k' | 'v' | 'o' | 'qkv'
-    conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
 
 
 _LLAMA = Arch("model.layers", "self_attn", "mlp", {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"})
@@ -31,7 +30,7 @@ ARCHS = {
     "gemma2": _LLAMA,
     "gpt_neo": Arch("transformer.h", "attn.attention", "mlp",
                     {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}),
-    "gpt2": Arch("transformer.h", "attn", "mlp", {"c_attn": "qkv", "c_proj": "o"}, conv1d=True),
+    "gpt2": Arch("transformer.h", "attn", "mlp", {"c_attn": "qkv", "c_proj": "o"}),
 }
 
 # Components a user can name in `freeze:train=...`; `attention` is q+k+v+o.
@@ -133,3 +132,10 @@ def parse_layers(text: str, n_layers: int) -> range:
     if a > b or b >= n_layers:
         raise UserError(f"layer range {text} is outside the model, which has blocks 0-{n_layers - 1}")
     return range(a, b + 1)
+
+
+def is_conv1d(module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as (in, out), not (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .components import is_conv1d
 from .errors import UserError
 from .methods.attach import attached, detach
 from .methods.lora import SLOT, base_weight
@@ -21,7 +22,7 @@ from .methods.lora import SLOT, base_weight
 
 def _write(layer, w_out_in: torch.Tensor) -> None:
     """Store an (out, in) weight into `layer` in its own layout and dtype."""
-    value = w_out_in.T if type(layer).__name__ == "Conv1D" else w_out_in
+    value = w_out_in.T if is_conv1d(layer) else w_out_in
     layer.weight.data.copy_(value.to(layer.weight.dtype))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..components import arch_of, num_layers, parse_layers, where
+from ..components import arch_of, is_conv1d, num_layers, parse_layers, where
 from ..errors import UserError, close_matches
 from ..spec import Option
 from . import register
@@ -24,14 +24,14 @@ SLOT = "lora"
 
 def dims(linear: nn.Module) -> tuple[int, int]:
     """(in, out) features of a linear layer, however its weight is stored."""
-    if type(linear).__name__ == "Conv1D":
+    if is_conv1d(linear):
         return linear.weight.shape[0], linear.nf
     return linear.in_features, linear.out_features
 
 
 def base_weight(linear: nn.Module) -> torch.Tensor:
     """The layer's weight as (out, in); GPT-2's Conv1D stores (in, out)."""
-    return linear.weight.T if type(linear).__name__ == "Conv1D" else linear.weight
+    return linear.weight.T if is_conv1d(linear) else linear.weight
 
 
 class LoraDelta(nn.Module):
@@ -85,7 +85,7 @@ def linear_layers(model) -> dict:
     places = where(model)
     layers_prefix = arch_of(model).layers + "."
     for name, module in model.named_modules():
-        if name.startswith(layers_prefix) and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+        if name.startswith(layers_prefix) and (isinstance(module, nn.Linear) or is_conv1d(module)):
             if places.get(name + ".weight") is None or places[name + ".weight"].component != "added":
                 out[name] = module
     return out
@@ -132,7 +132,7 @@ def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Ge
             delta.A.copy_(root[:, None] * Vh[:r])
             delta.B.copy_(U[:, :r] * root[None, :])
             residual = w - delta.delta_weight()
-            layer.weight.copy_(residual.T if type(layer).__name__ == "Conv1D" else residual)
+            layer.weight.copy_(residual.T if is_conv1d(layer) else residual)
 
 
 LORA_OPTIONS = dict(

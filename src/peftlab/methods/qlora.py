@@ -16,6 +16,7 @@ import torch.nn as nn
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
 
+from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
 from . import register
@@ -65,7 +66,7 @@ def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):
         raise UserError(f"qlora: bits must be 4 or 8, got {bits}")
-    if type(next(iter(linear_layers(model).values()))).__name__ == "Conv1D":
+    if is_conv1d(next(iter(linear_layers(model).values()))):
         raise UserError(f"qlora: {model.config.model_type} stores its layers as Conv1D, which bitsandbytes cannot quantize; use lora")
     for path, linear in linear_layers(model).items():
         if type(linear) is nn.Linear:
