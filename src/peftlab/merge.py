@@ -66,7 +66,7 @@ def merge(model, names=None) -> None:
             if delta.magnitude is None:
                 _write(layer, w + dw)
             else:
-                norm = torch.linalg.norm(w + dw, dim=1)
+                norm = delta.row_norm(layer)
                 delta._merged_norm = norm
                 _write(layer, (delta.magnitude.float() / norm)[:, None] * (w + dw))
             delta.merged = True

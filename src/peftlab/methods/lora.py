@@ -53,6 +53,12 @@ class LoraDelta(nn.Module):
         """s · B A, shape (out, in)."""
         return self.scaling * (self.B @ self.A)
 
+    def row_norm(self, layer: nn.Module, constant: bool = False) -> torch.Tensor:
+        """‖W + s·BA‖ per output row, (m,) in fp32: DoRA's denominator (its forward, its init,
+        merging and the workbench all use this one). `constant`: no gradient through s·BA."""
+        dw = self.delta_weight()
+        return torch.linalg.norm(base_weight(layer).float() + (dw.detach() if constant else dw).float(), dim=1)
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # x: (..., n); base_out: (..., m) = W x + b
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -60,8 +66,7 @@ class LoraDelta(nn.Module):
         if self.magnitude is None:
             return base_out + lora
         # DoRA: the column norm is treated as a constant (detached), as in the DoRA paper §4.3.
-        w = base_weight(layer)
-        norm = torch.linalg.norm(w.float() + self.delta_weight().detach().float(), dim=1).detach()
+        norm = self.row_norm(layer, constant=True).detach()
         scale = (self.magnitude / norm).to(base_out.dtype)  # (m,)
         bias = layer.bias if layer.bias is not None else 0
         return base_out + (scale - 1) * (base_out - bias) + scale * lora
@@ -70,8 +75,7 @@ class LoraDelta(nn.Module):
 def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
     """Give `delta` a magnitude vector equal to ‖W + sBA‖ per output row (so outputs start unchanged)."""
     with torch.no_grad():
-        norm = torch.linalg.norm(base_weight(layer).float() + delta.delta_weight().float(), dim=1)
-    delta.magnitude = nn.Parameter(norm)
+        delta.magnitude = nn.Parameter(delta.row_norm(layer))
 
 
 def lora_hook(layer, args, output):

@@ -66,7 +66,7 @@ class WeightTracker:
     def _dora_effective(delta, layer) -> torch.Tensor:
         w = base_weight(layer).float()
         merged = w + delta.delta_weight().float()
-        return (delta.magnitude.float() / torch.linalg.norm(merged, dim=1))[:, None] * merged - w
+        return (delta.magnitude.float() / delta.row_norm(layer))[:, None] * merged - w
 
     def _record(self, name, value):
         self.steps.setdefault(name, []).append(value)
