@@ -1,4 +1,4 @@
-"""The registry of PEFT methods and `prepare`, the seam between methods and the training loop.
+"""`prepare`, the seam between methods and the training loop (the registry is registry.py).
 
 A method is a function `apply(model, **options)` registered under a name with the options it
 accepts. It changes the model in place: it marks base parameters trainable (freezing methods)
@@ -13,28 +13,8 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from ..errors import UserError
-from ..spec import Option, Step, parse
-
-REGISTRY: dict = {}
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    apply: object
-    options: dict
-    doc: str
-
-
-def register(method_name: str, **options: Option):
-    """Decorator: register `fn(model, **options)` as strategy `method_name`."""
-
-    def wrap(fn):
-        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return wrap
-
+from ..spec import Step, parse
+from .registry import REGISTRY, Method, register  # noqa: F401  (the package's face)
 
 @dataclass
 class Prepared:

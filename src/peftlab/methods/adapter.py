@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..components import arch_of, blocks, num_layers, parse_layers
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .attach import apply, attach
 
 SLOT = "adapter"

@@ -7,7 +7,7 @@ norm weights instead, which is the closest analogue (an elementwise affine per f
 from ..components import where
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .freeze import unfreeze
 
 

@@ -12,7 +12,7 @@ import re
 from ..components import arch_of, check_component, matches, num_layers, parse_layers, where
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 
 
 def select(model, train=(), layers=None, include=None, exclude=None) -> list[str]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..components import arch_of, is_conv1d, num_layers, parse_layers, where
 from ..errors import UserError, close_matches
 from ..spec import Option
-from . import register
+from .registry import register
 from .attach import apply, attach
 
 SLOT = "lora"

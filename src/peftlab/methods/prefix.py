@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .attach import attach
 from .virtual import MARK, the_active, call_inputs, compute_dtype, is_fresh, shift
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .attach import attach
 from .virtual import MARK, the_active, call_inputs, is_fresh, shift
 

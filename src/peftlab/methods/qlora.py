@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd
 from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .lora import LORA_OPTIONS, add_lora, linear_layers
 
 

@@ -8,7 +8,7 @@ The training loop hands newly trainable parameters to the optimizer at their ste
 from ..components import COMPONENTS
 from ..errors import UserError
 from ..spec import Option
-from . import register
+from .registry import register
 from .freeze import select, unfreeze
 
 
