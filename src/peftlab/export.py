@@ -125,12 +125,16 @@ def _tokenizer(writer, tokenizer, n_vocab: int) -> None:
         gguf.SpecialVocab(tmp, load_merges=model_kind == "gpt2", n_vocab=n_vocab).add_to_gguf(writer)
 
 
-def _write(writer, out: Path) -> Path:
-    """Write to a temporary sibling, then rename: never a half-written GGUF."""
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def _write(writer, tmp: Path, out: Path) -> Path:
+    """Write the GGUF to its temporary sibling `tmp`, then rename: never a half-written file."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -155,12 +159,7 @@ def export_model(model, tokenizer, out, dtype: str = "f16", name: str = "peftlab
         if "rotary_emb" in hf_name:
             continue
         _add(writer, _gguf_name(names, hf_name), _prepared(arch, model, hf_name, w), dtype)
-    try:
-        _write(writer, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _write(writer, tmp, out)
 
 
 def export_lora(model, out, name: str = "default", dtype: str = "f32") -> Path:
@@ -177,8 +176,7 @@ def export_lora(model, out, name: str = "default", dtype: str = "f32") -> Path:
     if any(d.magnitude is not None for _, d in hosts):
         raise UserError("DoRA cannot be a llama.cpp LoRA GGUF (its magnitude rescales whole rows); "
                         "export the merged model instead: peftlab export --model M --adapter A --format gguf")
-    ranks = {d.A.shape[0] for _, d in hosts}
-    r = max(ranks)
+    r = max(d.A.shape[0] for _, d in hosts)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -194,9 +192,4 @@ def export_lora(model, out, name: str = "default", dtype: str = "f32") -> Path:
         B = delta.B.detach().float() * (delta.scaling * rank / r)
         _add(writer, f"{base}.lora_a", delta.A.detach().float(), dtype)
         _add(writer, f"{base}.lora_b", _prepared(arch, model, hf_name, B), dtype)
-    try:
-        _write(writer, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return _write(writer, tmp, out)
