@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..spec import Option
 from .registry import register
 from .attach import attach
-from .virtual import MARK, the_active, call_inputs, compute_dtype, is_fresh, shift
+from .virtual import MARK, cache_key, call_inputs, compute_dtype, is_fresh, shift, the_active
 
 SLOT = "prefix"
 
@@ -81,7 +81,8 @@ def prefix_hook(model, args, kwargs):
     if prefix is None:
         return args, kwargs
     args, batch, length, device = call_inputs(args, kwargs)
-    cache = kwargs.get("past_key_values")
+    cache_kw = cache_key(kwargs)
+    cache = kwargs.get(cache_kw)
     if is_fresh(kwargs):
         if cache is None and (model.training or kwargs.get("use_cache") is False):
             cache = read_only_cache(model.config)
@@ -94,7 +95,7 @@ def prefix_hook(model, args, kwargs):
         for i, (key, value) in enumerate(prefix(batch, dtype)):
             write(key, value, i)
         setattr(cache, MARK, prefix.k)
-        kwargs["past_key_values"] = cache
+        kwargs[cache_kw] = cache
     if getattr(cache, MARK, 0):
         shift(kwargs, prefix.k, batch, length, device, prepend_positions=False)
     return args, kwargs

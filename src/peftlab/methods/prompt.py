@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..spec import Option
 from .registry import register
 from .attach import attach
-from .virtual import MARK, the_active, call_inputs, is_fresh, shift
+from .virtual import MARK, cache_of, call_inputs, is_fresh, shift, the_active
 
 SLOT = "prompt"
 
@@ -37,7 +37,7 @@ def prompt_hook(model, args, kwargs):
         return args, kwargs
     k = prompt.weight.shape[0]
     args, batch, length, device = call_inputs(args, kwargs)
-    cache = kwargs.get("past_key_values")
+    cache = cache_of(kwargs)
     if is_fresh(kwargs):
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:

@@ -33,9 +33,19 @@ def call_inputs(args, kwargs):
     return args, x.shape[0], x.shape[1], x.device
 
 
+def cache_key(kwargs) -> str:
+    """The keyword a call carries its KV cache under: `cache` (transformers >= 5.24, where
+    generation passes it so) or `past_key_values` (the older name, still accepted)."""
+    return "cache" if kwargs.get("cache") is not None else "past_key_values"
+
+
+def cache_of(kwargs):
+    return kwargs.get(cache_key(kwargs))
+
+
 def is_fresh(kwargs) -> bool:
     """True on the first chunk of a sequence (no cache, or an empty one)."""
-    cache = kwargs.get("past_key_values")
+    cache = cache_of(kwargs)
     return cache is None or cache.get_seq_length() == 0
 
 
@@ -51,7 +61,7 @@ def shift(kwargs, k: int, batch: int, length: int, device, prepend_positions: bo
     `prepend_positions`: the virtual tokens are part of this call's input (prompt tuning,
     first chunk), so positions 0..k-1 are added in front instead of only shifting.
     """
-    cache = kwargs.get("past_key_values")
+    cache = cache_of(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     mask = kwargs.get("attention_mask")
     want = past + length + (k if prepend_positions else 0)
