@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peftlab import artifacts, load_model, prepare
+from peftlab import load_model, prepare
 from peftlab.export import _permute, export_lora, export_model
 from peftlab.merge import merge_and_unload
 

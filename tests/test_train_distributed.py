@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -110,6 +110,7 @@ def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(sig, code, text_fil
     resumed = peftlab(*args, "-o", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     ref = peftlab(*args, "-o", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
     assert tensor_digests(run / "adapter") == tensor_digests(tmp_path / "ref" / "adapter")
 
 

@@ -15,7 +15,6 @@ the CPU, NCCL on GPUs. Only rank 0 writes files.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -177,8 +176,6 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     Signals reach the workers through torchrun (SIGTERM/SIGINT make each one finish its
     step and checkpoint). Returns the exit code: 0, 2 for a user error, 128+signal, or 1."""
-    if shutil.which("torchrun") is None and not _has_run_module():
-        raise UserError("--nproc needs torch.distributed's launcher (torchrun), which this torch build lacks")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--tee=0", "-m", "peftlab", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
@@ -198,11 +195,3 @@ def launch(nproc: int, argv: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return 128 + got[0] if got and code else code
-
-
-def _has_run_module() -> bool:
-    try:
-        import torch.distributed.run  # noqa: F401
-    except ImportError:
-        return False
-    return True

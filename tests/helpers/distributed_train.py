@@ -1,7 +1,6 @@
 """Run under torchrun by test_train_distributed.py: train each strategy data-parallel with DDP
 and with FSDP2 through the Python API; rank 0 writes OUT/<mode>-<i>/ (adapter + losses.json)."""
 
-import json
 import sys
 from pathlib import Path
 
