@@ -71,6 +71,6 @@ def n_trainable(model):
 
 def linear_dims(model, leaves=None):
     """[(in, out)] of the decoder's linear layers whose leaf name is in `leaves` (None: all)."""
-    from peftlab.methods.lora import dims, linear_layers
+    from peftlab.methods.targets import dims, linear_layers
 
     return [dims(m) for n, m in linear_layers(model).items() if leaves is None or n.rsplit(".", 1)[-1] in leaves]

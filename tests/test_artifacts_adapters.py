@@ -109,7 +109,7 @@ def test_routing_is_switched_off_when_a_forward_raises():
     import torch
 
     from peftlab import adapters, load_model, prepare
-    from peftlab.methods.attach import ROWS
+    from peftlab.methods.attach import attached
 
     loaded = load_model("tiny-llama")
     prepare(loaded.model, "lora:r=2")
@@ -117,4 +117,21 @@ def test_routing_is_switched_off_when_a_forward_raises():
     bad = torch.full((1, 4), 10_000)  # past the vocabulary: the embedding raises
     with pytest.raises(IndexError):
         loaded.model(input_ids=bad, adapter_names=["default"])
-    assert ROWS.names is None
+    assert all(slot.rows is None for _, _, slot in attached(loaded.model))
+
+
+def test_routing_belongs_to_the_model_being_called():
+    """Routing one model leaves another untouched (no process-wide state)."""
+    import torch
+
+    from peftlab import adapters, load_model, prepare
+    from peftlab.methods.attach import attached
+
+    a, b = load_model("tiny-llama"), load_model("tiny-llama")
+    for loaded in (a, b):
+        prepare(loaded.model, "lora:r=2")
+    ids = torch.randint(0, 200, (2, 6))
+    plain = b.model(input_ids=ids).logits
+    with adapters.per_row(a.model, ["__base__", "default"]):
+        assert all(slot.rows is None for _, _, slot in attached(b.model))
+        torch.testing.assert_close(b.model(input_ids=ids).logits, plain, atol=0, rtol=0)

@@ -6,7 +6,7 @@ import torch
 from conftest import n_trainable
 from peftlab import TrainConfig, load_blocks, load_model, prepare, train
 from peftlab.errors import UserError
-from peftlab.methods.qlora import storage_bytes
+from peftlab.params import storage_bytes
 
 
 @pytest.mark.parametrize("arch", ["tiny-gptneo", "tiny-gpt2"])

@@ -31,7 +31,7 @@ def effective(model):
 
 
 @pytest.mark.parametrize("spec, wd", [("full", 0.0), ("full", 0.1), ("lora:r=4", 0.0), ("dora:r=4", 0.0),
-                                      ("adapter:r=8", 0.0), ("prefix:tokens=3", 0.0)])
+                                      ("adapter:r=8", 0.0), ("prefix:tokens=3", 0.0), ("bitfit:norms=true", 0.1)])
 def test_tracker_matches_explicit_copies(spec, wd, text_file):
     loaded = load_model("tiny-llama")
     prepared = prepare(loaded.model, spec)
@@ -43,9 +43,8 @@ def test_tracker_matches_explicit_copies(spec, wd, text_file):
     def on_step(step, record, opt):
         tracker.step(opt)
         now = effective(loaded.model)
-        for n, v in now.items():
-            if v.dim() == 2:
-                actual.setdefault(n, []).append(float((v - prev[0][n]).norm()))
+        for n, v in now.items():  # every trained tensor, vectors too (biases, norms, IA3-like scales)
+            actual.setdefault(n, []).append(float((v - prev[0][n]).norm()))
         prev[0] = now
 
     blocks = load_blocks(loaded, str(text_file), 32)

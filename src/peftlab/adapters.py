@@ -12,26 +12,22 @@ from contextlib import contextmanager
 import torch
 
 from .errors import UserError
-from .methods.attach import ROWS, attached, check_name, detach
-from .methods.lora import SLOT, LoraDelta
+from .methods.attach import attached, check_name, detach, route, unroute
 
-SLOTS = ("lora", "adapter", "prefix", "prompt")
 BASE = "__base__"  # a row that should see no adapter
 
 
 def adapter_names(model) -> list[str]:
     """Names of every adapter attached anywhere in `model`, in first-seen order."""
     names = {}
-    for slot in SLOTS:
-        for _, _, children in attached(model, slot):
-            names.update(dict.fromkeys(children))
+    for _, _, children in attached(model):
+        names.update(dict.fromkeys(children))
     return list(names)
 
 
 def _children(model):
-    for slot in SLOTS:
-        for host_name, host, children in attached(model, slot):
-            yield slot, host, children
+    for host_name, host, children in attached(model):
+        yield children.key, host, children
 
 
 def _known(model, names) -> None:
@@ -78,23 +74,23 @@ def delete(model, name: str) -> None:
 def per_row(model, names: list):
     """Route batch row i through adapter names[i] (`__base__` or None: no adapter)."""
     _known(model, [n for n in names if n not in (None, BASE)])
-    previous = ROWS.swap([BASE if n is None else n for n in names])
+    saved = route(model, [BASE if n is None else n for n in names])
     try:
         yield model
     finally:
-        ROWS.swap(previous)
+        unroute(saved)
 
 
 def _route_kwarg(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is not None:
-        model.__dict__["_peftlab_rows_before"] = ROWS.swap([BASE if n is None else n for n in names])
+        model.__dict__["_peftlab_rows_before"] = route(model, [BASE if n is None else n for n in names])
     return args, kwargs
 
 
 def _unroute(model, args, output):
     if "_peftlab_rows_before" in model.__dict__:
-        ROWS.swap(model.__dict__.pop("_peftlab_rows_before"))
+        unroute(model.__dict__.pop("_peftlab_rows_before"))
     return output
 
 
@@ -109,13 +105,14 @@ def enable_adapter_names_kwarg(model) -> None:
 
 @torch.no_grad()
 def combine(model, weights: dict, name: str, how: str = "cat", rank: int | None = None) -> None:
-    """Add LoRA adapter `name` = a weighted combination of existing LoRA adapters.
+    """Add adapter `name` = a weighted combination of existing low-rank adapters (LoRA).
 
     how="cat":    A = [A_1; …; A_k], B = [w_1 s_1 B_1, …, w_k s_k B_k], s = 1
                   → ΔW = Σ w_i ΔW_i exactly; rank Σ r_i (mixed ranks are fine).
     how="linear": equal ranks only; A = Σ √|w_i s_i| A_i, B = Σ sign(w_i) √|w_i s_i| B_i, s = 1
                   → rank r, ΔW ≈ Σ w_i ΔW_i (exact when the adapters share A or B).
     how="svd":    ΔW = Σ w_i ΔW_i truncated to `rank` by SVD: B = U_r S_r, A = V_rᵀ, s = 1.
+    Each added module type that can be combined says how (its `combine` class method).
     """
     check_name(name)
     _known(model, weights)
@@ -125,29 +122,15 @@ def combine(model, weights: dict, name: str, how: str = "cat", rank: int | None 
         raise UserError(f"combine: how must be cat, linear or svd, got '{how}'")
     if how == "svd" and (rank is None or rank <= 0):
         raise UserError("combine: how=svd needs a positive rank")
-    for host_name, layer, slot in list(attached(model, SLOT)):
+    for host_name, layer, slot in list(attached(model)):
         parts = [(slot[n], w) for n, w in weights.items() if n in slot]
         if not parts:
             continue
-        if any(d.magnitude is not None for d, _ in parts):
-            raise UserError("combine works on LoRA adapters; DoRA magnitudes do not add up")
-        if how == "cat":
-            A = torch.cat([d.A for d, _ in parts], 0)
-            B = torch.cat([w * d.scaling * d.B for d, w in parts], 1)
-        elif how == "linear":
-            if len({d.A.shape[0] for d, _ in parts}) > 1:
-                raise UserError("combine how=linear needs equal ranks; use how=cat or how=svd for mixed ranks")
-            c = [(abs(w * d.scaling) ** 0.5, 1.0 if w >= 0 else -1.0) for d, w in parts]
-            A = sum(k * d.A for (d, _), (k, _) in zip(parts, c))
-            B = sum(sign * k * d.B for (d, _), (k, sign) in zip(parts, c))
-        else:
-            dw = sum(w * d.delta_weight() for d, w in parts)
-            U, S, Vh = torch.linalg.svd(dw.float(), full_matrices=False)
-            r = min(rank, S.numel())
-            B, A = U[:, :r] * S[:r], Vh[:r]
-        new = LoraDelta(A.shape[1], B.shape[0], A.shape[0], alpha=A.shape[0]).to(A.device)  # alpha = r → s = 1
-        new.A.copy_(A)
-        new.B.copy_(B)
+        kind = type(parts[0][0])
+        if not hasattr(kind, "combine") or any(type(d) is not kind for d, _ in parts):
+            raise UserError(f"combine works on low-rank adapters of one kind; {host_name} holds {kind.slot}")
+        new = kind.combine(parts, how, rank)
+        new.method = parts[0][0].method
         new.active = False
         new.requires_grad_(False)
         slot[name] = new

@@ -167,16 +167,17 @@ def export_lora(model, out, name: str = "default", dtype: str = "f32") -> Path:
     import gguf
 
     from .methods.attach import attached
-    from .methods.lora import SLOT
 
     arch = _arch(model)
-    hosts = [(host, slot[name]) for host, _, slot in attached(model, SLOT) if name in slot]
-    if not hosts:
-        raise UserError(f"no LoRA adapter '{name}' on this model to export")
-    if any(d.magnitude is not None for _, d in hosts):
-        raise UserError("DoRA cannot be a llama.cpp LoRA GGUF (its magnitude rescales whole rows); "
+    children = [(host, slot[name]) for host, _, slot in attached(model) if name in slot]
+    if not children:
+        raise UserError(f"no adapter '{name}' on this model to export")
+    if any(c.low_rank() is None for _, c in children):
+        what = next(c.label or c.method for _, c in children if c.low_rank() is None)
+        raise UserError(f"{what} cannot be a llama.cpp LoRA GGUF (it is not a low-rank update B·A); "
                         "export the merged model instead: peftlab export --model M --adapter A --format gguf")
-    r = max(d.A.shape[0] for _, d in hosts)
+    hosts = [(host, c.low_rank()) for host, c in children]  # (s, B (out, r), A (r, in))
+    r = max(A.shape[0] for _, (_, _, A) in hosts)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -184,12 +185,12 @@ def export_lora(model, out, name: str = "default", dtype: str = "f32") -> Path:
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(r))  # llama.cpp's scale is alpha / rank(tensor)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), model.config.num_hidden_layers)
-    for host, delta in hosts:
+    for host, (scaling, B, A) in hosts:
         hf_name = f"{host}.weight"
         base = _gguf_name(names, hf_name)
-        rank = delta.A.shape[0]
+        rank = A.shape[0]
         # llama.cpp computes (alpha / rank) · B A with alpha = r; our scale s becomes part of B.
-        B = delta.B.detach().float() * (delta.scaling * rank / r)
-        _add(writer, f"{base}.lora_a", delta.A.detach().float(), dtype)
+        B = B.detach().float() * (scaling * rank / r)
+        _add(writer, f"{base}.lora_a", A.detach().float(), dtype)
         _add(writer, f"{base}.lora_b", _prepared(arch, model, hf_name, B), dtype)
     return _write(writer, tmp, out)

@@ -30,3 +30,16 @@ def count(model) -> dict:
     out = {c: tuple(table[c]) for c in ORDER if c in table}
     out["total"] = (sum(t for t, _ in out.values()), sum(n for _, n in out.values()))
     return out
+
+
+def storage_bytes(model) -> int:
+    """Bytes the model's weights occupy as stored (quantized blocks and their scales included)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total

@@ -1,29 +1,27 @@
-"""Hugging Face PEFT's folder format, for the methods it can express: LoRA (rsLoRA, DoRA),
-prompt tuning and prefix tuning.
+"""Hugging Face PEFT's folder format, for every method whose file declares a peft codec
+(registry.PeftCodec): LoRA (rsLoRA, DoRA, rank/alpha patterns, lora_bias), prompt and
+prefix tuning, and whatever other method files add.
 
-    adapter_config.json         peft_type, task_type, r, lora_alpha, target_modules, ...
-    adapter_model.safetensors   base_model.model.<module>.lora_A.weight / lora_B.weight /
-                                lora_magnitude_vector; prompt_embeddings for prompt and prefix
+    adapter_config.json         peft_type, task_type, and the method's own fields
+    adapter_model.safetensors   base_model.model.<module>.<the added module's peft_keys>
 
 Folders written here load with `peft.PeftModel.from_pretrained`, and folders peft wrote load
-here; both give the same logits.
+here; both give the same logits. This file never names a method: the codecs do.
 """
 
-import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..methods import prepare
+from ..methods import REGISTRY, prepare
 from ..methods.attach import attached
-from ..methods.lora import linear_layers
-from ..methods.prefix import kv_shape
+from ..methods.registry import companions, peft_reader
 from ..spec import Step
 from .io import read_json, read_tensors, write_tensors
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# Keys peft 0.21 writes; anything else draws a warning and is ignored.
+# Keys peft 0.21 writes across its configs; anything else draws a warning and is ignored.
 KNOWN = {
     "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
     "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
@@ -34,136 +32,108 @@ KNOWN = {
     "use_dora", "use_qalora", "use_rslora", "velora_config", "num_attention_heads", "num_layers",
     "num_transformer_submodules", "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text",
     "tokenizer_kwargs", "tokenizer_name_or_path", "token_dim", "encoder_hidden_size", "init_weights",
-    "prefix_projection",
+    "prefix_projection", "feedforward_modules", "alpha", "module_dropout", "use_effective_conv2d", "decompose_both",
+    "decompose_factor", "rank_dropout", "rank_dropout_scale", "use_upper_bound", "projection_prng_key",
+    "save_projection", "vera_dropout", "d_initial", "oft_block_size", "coft", "eps", "block_share",
+    "use_cayley_neumann", "num_cayley_neumann_terms", "token_indices", "init_ia3_weights",
 }
 
 
-def expressible(steps: list) -> str | None:
-    """'lora' | 'prompt' | 'prefix' when peft's format holds this strategy exactly, else None."""
-    if len(steps) != 1:
-        return None
-    s = steps[0]
-    if s.method in ("lora", "dora") and s.options.get("init", "kaiming") != "pissa":
-        return "lora"
-    return s.method if s.method in ("prompt", "prefix") else None
+def _codec(step):
+    return REGISTRY[step.method].peft
 
 
-def _lora_hosts(model, name):
-    return {host_name: slot[name] for host_name, _, slot in attached(model, "lora") if name in slot}
+def expressible(steps: list) -> bool:
+    """True when peft's format holds this strategy exactly: one method with a peft codec, or
+    LoRA plus methods that ride inside its config (modules_to_save, trainable tokens)."""
+    if any(_codec(s) is None for s in steps):
+        return False
+    if len(steps) == 1:
+        return _codec(steps[0]).holds(steps[0])
+    main = [s for s in steps if _codec(s).peft_type == "LORA" and _codec(s).holds(s)]
+    return len(main) == 1 and all(_codec(s).holds(s, alone=False) for s in steps if s is not main[0])
+
+
+def _main(steps: list):
+    return steps[0] if len(steps) == 1 else next(s for s in steps if _codec(s).peft_type == "LORA")
+
+
+def _hosts(model, name: str, step) -> dict:
+    """{host path: added module} of adapter `name` that the step's method added."""
+    return {host_name: slot[name] for host_name, _, slot in attached(model)
+            if name in slot and slot[name].method == step.method}
+
+
+def _tensor_name(codec, host: str, suffix: str, alone: bool) -> str:
+    if codec.tensor_name is not None:
+        return codec.tensor_name(host, suffix, alone)
+    return f"{PREFIX}{host}.{suffix}" if host else suffix
+
+
+def _tensors(model, steps, name) -> dict:
+    """peft tensor name -> our tensor, for every step."""
+    out = {}
+    alone = len(steps) == 1
+    for step in steps:
+        codec = _codec(step)
+        for host, child in _hosts(model, name, step).items():
+            for suffix, t in child.peft_tensors().items():
+                out[_tensor_name(codec, host, suffix, alone)] = t
+    return out
 
 
 def save(model, steps: list, folder: Path, name: str = "default", base_model: str = "") -> None:
     """Write `name`'s adapter in peft's layout into `folder` (the caller makes it atomic)."""
-    kind = expressible(steps)
+    if not expressible(steps):
+        raise ValueError("not expressible in peft's format")
+    from ..files import write_json
     from ..models import reference
 
     # Other tools resolve the base by this name; peftlab's own name for it rides in the
     # tensors file's metadata.
-    common = {"base_model_name_or_path": reference(base_model) if base_model else None, "task_type": "CAUSAL_LM", "inference_mode": True,
-              "revision": None, "modules_to_save": None, "auto_mapping": None}
-    c = model.config
-    if kind == "lora":
-        hosts = _lora_hosts(model, name)
-        first = next(iter(hosts.values()))
-        leaves = sorted({h.rsplit(".", 1)[-1] for h in hosts})
-        every = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in leaves}
-        targets = leaves if every == set(hosts) else "(" + "|".join(re.escape(h) for h in sorted(hosts)) + ")"
-        rslora = steps[0].options.get("rslora", False)
-        r = first.A.shape[0]
-        config = common | {
-            "peft_type": "LORA", "r": r, "lora_alpha": first.scaling * (r**0.5 if rslora else r),
-            "target_modules": targets, "lora_dropout": first.dropout, "use_rslora": rslora,
-            "use_dora": first.magnitude is not None, "fan_in_fan_out": c.model_type == "gpt2", "bias": "none",
-            "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": {}, "alpha_pattern": {},
-        }
-        tensors = {}
-        for host, delta in hosts.items():
-            tensors[f"{PREFIX}{host}.lora_A.weight"] = delta.A
-            tensors[f"{PREFIX}{host}.lora_B.weight"] = delta.B
-            if delta.magnitude is not None:
-                tensors[f"{PREFIX}{host}.lora_magnitude_vector"] = delta.magnitude
-    elif kind == "prompt":
-        weight = model._modules["prompt"][name].weight
-        config = common | {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": weight.shape[0], "token_dim": weight.shape[1],
-                           "num_transformer_submodules": 1, "num_attention_heads": c.num_attention_heads,
-                           "num_layers": c.num_hidden_layers, "prompt_tuning_init": "RANDOM"}
-        tensors = {"prompt_embeddings": weight}
-    elif kind == "prefix":
-        prefix = model._modules["prefix"][name]
-        kv_heads, head_dim = kv_shape(c)
-        config = common | {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": prefix.k, "token_dim": kv_heads * head_dim,
-                           "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
-                           "num_layers": c.num_hidden_layers, "encoder_hidden_size": kv_heads * head_dim,
-                           "prefix_projection": False}
-        tensors = {"prompt_embeddings": prefix.table()}
-    else:
-        raise ValueError("not expressible in peft's format")
-    from ..files import write_json
-
-    write_tensors(folder / TENSORS, {k: v.float() for k, v in tensors.items()},
+    config = {"base_model_name_or_path": reference(base_model) if base_model else None, "task_type": "CAUSAL_LM",
+              "inference_mode": True, "revision": None, "modules_to_save": None, "auto_mapping": None}
+    main = _main(steps)
+    config |= _codec(main).write(model, main, _hosts(model, name, main))
+    for step in steps:
+        if step is not main:
+            config |= _codec(step).inside(model, step, _hosts(model, name, step))
+    tensors = _tensors(model, steps, name)
+    write_tensors(folder / TENSORS, {k: v.detach().float() for k, v in tensors.items()},
                   metadata={"peftlab_base_model": base_model} if base_model else None)
     write_json(folder / CONFIG, config)
 
 
-def spec_of(config: dict, where: Path) -> str:
-    """The peftlab strategy equivalent to a peft adapter_config.json."""
+def steps_of(config: dict, where: Path) -> list:
+    """The peftlab steps equivalent to a peft adapter_config.json."""
     kind = config["peft_type"]
-    if kind == "LORA":
-        for key, default in (("bias", "none"), ("modules_to_save", None), ("rank_pattern", {}), ("alpha_pattern", {}),
-                             ("use_qalora", False), ("lora_bias", False), ("trainable_token_indices", None),
-                             ("layer_replication", None), ("target_parameters", None)):
-            if config.get(key, default) not in (default, None, {}, False, "none"):
-                raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab")
-        options = {"r": config["r"], "alpha": config.get("lora_alpha", 8), "dropout": config.get("lora_dropout", 0.0),
-                   "rslora": bool(config.get("use_rslora")), "dora": bool(config.get("use_dora"))}
-        targets = config.get("target_modules")
-        if isinstance(targets, str) and targets != "all-linear":
-            options["target_regex"] = f"^({targets})$"
-            options["targets"] = ()
-        elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
-            options["target_regex"] = r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + ")$"
-            options["targets"] = ()
-        else:
-            options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
-        layers = config.get("layers_to_transform")
-        if layers is not None:
-            layers = [layers] if isinstance(layers, int) else sorted(layers)
-            if layers != list(range(layers[0], layers[-1] + 1)):
-                raise UserError(f"{where}: layers_to_transform must be a contiguous range in peftlab, got {layers}")
-            options["layers"] = f"{layers[0]}-{layers[-1]}"
-        return str(Step("lora", options))
-    if kind == "PROMPT_TUNING":
-        return str(Step("prompt", {"tokens": config["num_virtual_tokens"], "init": "random"}))
-    if kind == "PREFIX_TUNING":
-        return str(Step("prefix", {"tokens": config["num_virtual_tokens"]}))
-    raise UserError(f"{where}: peft_type {kind} is not supported; peftlab reads LORA, PROMPT_TUNING and PREFIX_TUNING")
+    codec = peft_reader(kind)
+    if codec is None:
+        readable = sorted({m.peft.peft_type for m in REGISTRY.values() if m.peft and m.peft.read})
+        raise UserError(f"{where}: peft_type {kind} is not supported; peftlab reads {', '.join(readable)}")
+    steps = [codec.read(config, where)]
+    for extra in companions():
+        step = extra.read_inside(config, where)
+        if step is not None:
+            steps.append(step)
+    return steps
 
 
 def load(model, folder: Path, name: str = "default"):
     """Load a peft-format folder into `model` as adapter `name`; return `Prepared`."""
     folder = Path(folder)
     config = read_json(folder / CONFIG, required=("peft_type",), known=KNOWN)
-    if config["peft_type"] == "LORA" and "r" not in config:
-        raise UserError(f"{folder / CONFIG} lacks the required key 'r'")
     tensors = read_tensors(folder / TENSORS)
-    spec = spec_of(config, folder / CONFIG)
-    spec = spec.replace(":", f":name={name},", 1) if ":" in spec else f"{spec}:name={name}"
-    prepared = prepare(model, spec)
-    if config["peft_type"] == "LORA":
-        wanted = {}
-        for host, delta in _lora_hosts(model, name).items():
-            wanted[f"{PREFIX}{host}.lora_A.weight"] = delta.A
-            wanted[f"{PREFIX}{host}.lora_B.weight"] = delta.B
-            if delta.magnitude is not None:
-                wanted[f"{PREFIX}{host}.lora_magnitude_vector"] = delta.magnitude
-        for key in list(tensors):  # older peft wrote the magnitude with a '.weight' suffix
-            if key.endswith("lora_magnitude_vector.weight"):
-                tensors[key[: -len(".weight")]] = tensors.pop(key)
-    else:
-        slot = "prompt" if config["peft_type"] == "PROMPT_TUNING" else "prefix"
-        module = model._modules[slot][name]
-        wanted = {"prompt_embeddings": module.weight if slot == "prompt" else module.prefix}
+    try:
+        steps = steps_of(config, folder / CONFIG)
+    except KeyError as e:
+        raise UserError(f"{folder / CONFIG} lacks the required key {e}") from None
+    steps = [Step(s.method, s.options | {"name": name}) if "name" in REGISTRY[s.method].options else s for s in steps]
+    prepared = prepare(model, "/".join(map(str, steps)))
+    for key in list(tensors):  # older peft wrote the magnitude with a '.weight' suffix
+        if key.endswith("lora_magnitude_vector.weight"):
+            tensors[key[: -len(".weight")]] = tensors.pop(key)
+    wanted = _tensors(model, prepared.steps, name)
     for key, target in wanted.items():
         if key not in tensors:
             raise UserError(f"{folder / TENSORS} lacks tensor {key}")

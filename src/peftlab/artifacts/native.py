@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..methods import REGISTRY, parse_strategy, prepare, trainable_parameters
-from ..methods.prefix import PrefixKV
+from ..methods.attach import attached
 from ..models import reference
 from ..spec import Step
 from .io import check_fingerprint, fingerprint, read_json, read_tensors, write_tensors
@@ -28,31 +28,33 @@ CONFIG = "peftlab_config.json"
 TENSORS = "adapter.safetensors"
 KNOWN = {"format", "version", "strategy", "architecture", "base_model", "base_model_name_or_path", "fingerprint", "step",
          "name"}
-SLOTS = ("lora", "adapter", "prefix", "prompt")
-
 
 def trained_tensors(model, prepared) -> dict:
     """Name -> fp32 tensor for everything the strategy trains (scheduled parameters too).
 
-    A prefix with a reparametrisation MLP is saved as the plain prefixes it produces.
+    An added module is saved as its `stored()` tensors (a reparametrised prefix: the plain
+    prefixes it produces).
     """
     names = set(trainable_parameters(model))
     for later in prepared.unfreeze_at.values():
         names.update(later)
     params = dict(model.named_parameters())
     out = {}
-    for path, module in model.named_modules():
-        if isinstance(module, PrefixKV) and module.transform is not None:
-            out[f"{path}.prefix"] = module.table().detach()
-            names -= {f"{path}.{n}" for n, _ in module.named_parameters()}
+    for host_name, _, slot in attached(model):
+        for adapter, child in slot.items():
+            path = ".".join(x for x in (host_name, slot.key, adapter) if x)
+            own = {f"{path}.{n}" for n, _ in child.named_parameters()}
+            if own & names:
+                out.update({f"{path}.{n}": t.detach() for n, t in child.stored().items() if t is not None})
+                names -= own
     for n in sorted(names):
         out[n] = params[n].detach()
-    return {n: t.to("cpu", torch.float32).contiguous() for n, t in out.items()}
+    return {n: t.to("cpu", torch.float32).contiguous() for n, t in sorted(out.items())}
 
 
 def saved_steps(steps: list) -> list:
-    """Steps as saved: reparametrised prefixes are stored folded (projection=0)."""
-    return [Step(s.method, s.options | {"projection": 0}) if s.method == "prefix" else s for s in steps]
+    """Steps as saved: a method may record other options for what it stores (a folded prefix)."""
+    return [Step(s.method, s.options | (REGISTRY[s.method].saved_as or {})) for s in steps]
 
 
 def renamed(steps: list, name: str) -> list:
@@ -60,8 +62,8 @@ def renamed(steps: list, name: str) -> list:
     return [Step(s.method, s.options | {"name": name}) if "name" in REGISTRY[s.method].options else s for s in steps]
 
 
-def rename_tensor(key: str, old: str, new: str) -> str:
-    return re.sub(rf"(^|\.)({'|'.join(SLOTS)})\.{re.escape(old)}\.", rf"\1\2.{new}.", key)
+def rename_tensor(key: str, old: str, new: str, slots) -> str:
+    return re.sub(rf"(^|\.)({'|'.join(map(re.escape, slots))})\.{re.escape(old)}\.", rf"\1\2.{new}.", key)
 
 
 def save(model, prepared, folder: Path, base_model: str = "", extra: dict | None = None) -> None:
@@ -98,7 +100,8 @@ def load(model, folder: Path, name: str = "default", tokenizer=None):
     old = next((s.options.get("name", "default") for s in steps if "name" in REGISTRY[s.method].options), "default")
     steps = renamed(steps, name)
     prepared = prepare(model, "/".join(map(str, steps)), tokenizer)
-    tensors = {rename_tensor(k, old, name): v for k, v in tensors.items()}
+    slots = {slot.key for _, _, slot in attached(model)}
+    tensors = {rename_tensor(k, old, name, slots): v for k, v in tensors.items()} if slots else tensors
     added = _added_names(model)
     check_fingerprint(model, config.get("fingerprint", {}), set(tensors) | added, folder)
     params = dict(model.named_parameters())

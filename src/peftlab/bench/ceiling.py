@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..methods.lora import dims, linear_layers
+from ..methods.targets import dims, linear_layers
 
 
 def gemm_flops_per_s(model, rows: int, dtype: torch.dtype, repeats: int = 3) -> float:

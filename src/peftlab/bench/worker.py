@@ -11,29 +11,26 @@ import sys
 
 import torch
 
-from .. import data, models, runtime
-from ..methods import prepare
-from ..train import TrainConfig, train
+from .. import run, runtime
+from ..train import TrainConfig
 from . import ceiling, reference
 from .configs import CONFIGS
 
 
 def measure(job: dict) -> dict:
     torch.manual_seed(0)
-    loaded = models.load(job["model"])
-    blocks = data.load_blocks(loaded, job["data"], job["seq_len"])
     spec, setup = CONFIGS[job["config"]]
     steps = job["warmup"] + job["steps"]
+    cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0, seed=0,
+                      eval_every=-1, dtype=job["precision"], device="cpu", compile=job["mode"] == "compile")
+    r = run.load(job["model"], job["data"], cfg, show=False)
+    loaded = r.loaded
     if job["impl"] == "peftlab":
-        prepared = prepare(loaded.model, spec, loaded.tokenizer)
-        model = loaded.model
-        cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0,
-                          eval_every=-1, dtype=job["precision"], device="cpu", compile=job["mode"] == "compile")
-        records = train(model, blocks, prepared, cfg, show=False)
-        times = [r["step_time"] for r in records if "step_time" in r]
+        model = run.prepare(r, spec).model
+        times = [rec["step_time"] for rec in run.fit(r, show=False) if "step_time" in rec]
     else:
         model = reference.build(loaded.model, setup, job["mode"])
-        times = reference.train_steps(model, blocks.batches(job["batch_size"], 0), steps, job["mode"])
+        times = reference.train_steps(model, r.blocks.batches(job["batch_size"], 0), steps, job["mode"])
     times = times[job["warmup"]:]
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)

@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..spec import Step, parse
-from .registry import REGISTRY, Method, register  # noqa: F401  (the package's face)
+from .protocol import Added
+from .registry import REGISTRY, Method, discover, register  # noqa: F401  (the package's face)
+
 
 @dataclass
 class Prepared:
@@ -47,7 +49,11 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
         opts = {k: o.default for k, o in method.options.items()} | step.options
         if "tokenizer" in inspect.signature(method.apply).parameters:
             opts["tokenizer"] = tokenizer
+        before = {id(m) for m in model.modules()}
         schedule = method.apply(model, **opts)
+        for m in model.modules():
+            if isinstance(m, Added) and id(m) not in before:
+                m.method = step.method  # which step made it: the peft codec of that step saves it
         for at, names in (schedule or {}).items():
             prepared.unfreeze_at.setdefault(at, []).extend(names)
     if not trainable_parameters(model) and 0 not in prepared.unfreeze_at:
@@ -55,9 +61,32 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
     return prepared
 
 
+def lr_scales(model: nn.Module) -> dict:
+    """id(parameter) -> learning-rate multiplier, for the parameters added modules scale
+    (`Added.lr_scale`; LoRA+ trains B faster than A)."""
+    scale = {}
+    for m in model.modules():
+        if isinstance(m, Added):
+            for name, s in m.lr_scale.items():
+                p = getattr(m, name, None)
+                if p is not None:
+                    scale[id(p)] = float(s)
+    return scale
+
+
+def parameter_groups(model: nn.Module, params, base: dict | None = None) -> list[dict]:
+    """Optimizer groups for `params` (tensors of `model`), one per learning-rate multiplier,
+    the plain group (×1) first; each group is `base` plus params and its `lr_scale`."""
+    scale = lr_scales(model)
+    groups = {}
+    for p in params:
+        groups.setdefault(scale.get(id(p), 1.0), []).append(p)
+    return [(base or {}) | {"params": ps, "lr_scale": s} for s, ps in sorted(groups.items(), key=lambda kv: kv[0] != 1.0)]
+
+
 def trainable_parameters(model: nn.Module) -> dict:
     """Name -> parameter for every parameter that currently requires a gradient."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-from . import adapter, bitfit, freeze, lora, prefix, prompt, qlora, schedule  # noqa: E402,F401  (registration)
+discover()  # every method file registers itself; nothing lists them

@@ -12,15 +12,16 @@ from ..errors import UserError
 from ..spec import Option
 from .registry import register
 from .attach import apply, attach
+from .protocol import Added
 
-SLOT = "adapter"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Added):
     """d -> r -> d with a nonlinearity; the up projection starts at zero, so h' = h at init."""
 
-    _peftlab_added = True
+    slot = "adapter"
+    label = "bottleneck adapters (nonlinear)"
 
     def __init__(self, d: int, r: int, activation: str = "relu", generator: torch.Generator | None = None):
         super().__init__()
@@ -33,7 +34,6 @@ class Bottleneck(nn.Module):
             self.down.bias.uniform_(-bound, bound, generator=generator)
             self.up.weight.zero_()
             self.up.bias.zero_()
-        self.active = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: (batch, seq, d)
@@ -43,7 +43,7 @@ class Bottleneck(nn.Module):
 def adapter_hook(sublayer, args, output):
     """Apply the adapters to a sublayer's output (attention returns a tuple; its first item is h)."""
     h = output[0] if isinstance(output, tuple) else output
-    h = apply(sublayer._modules[SLOT], h, lambda bottleneck, rows, hh: bottleneck(hh))
+    h = apply(sublayer._modules[Bottleneck.slot], h, lambda bottleneck, rows, hh: bottleneck(hh))
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
@@ -75,4 +75,4 @@ def adapter(model, r, reduction, placement, activation, layers, name, seed):
             continue
         places = [arch.mlp] if placement == "pfeiffer" else [arch.attn.split(".")[0], arch.mlp]
         for place in places:
-            attach(block.get_submodule(place), SLOT, name, Bottleneck(d, r, activation, gen).to(device), adapter_hook)
+            attach(block.get_submodule(place), name, Bottleneck(d, r, activation, gen).to(device), adapter_hook)

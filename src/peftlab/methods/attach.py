@@ -1,9 +1,17 @@
 """How added modules join a frozen model: as named children of the module they modify,
-run by a forward hook on that module. Base parameter names never change (so a merged model
-saves as a plain transformers model), and several named adapters can sit on one layer.
+`host.<slot>[adapter name]`, run by a forward hook on that module. Base parameter names
+never change (so a merged model saves as a plain transformers model), and several named
+adapters can sit on one layer.
+
+Per-row routing (one adapter per batch row) is a property of the call, stored on the slots
+of the model being called (`Slot.rows`) for the duration of that call and reset after it;
+there is no process-wide state, so two models can be routed independently. torch.compile
+reads the attribute as a guarded constant (no graph break; a new routing recompiles).
 """
 
 import re
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -19,28 +27,41 @@ def check_name(name: str) -> str:
     return name
 
 
-def attach(host: nn.Module, slot: str, name: str, child: nn.Module, hook, pre: bool = False) -> None:
-    """Put `child` at `host.<slot>[name]`; register `hook` once per slot.
+class Slot(nn.ModuleDict):
+    """Adapter name -> added module, on one host. `rows`: one adapter name per batch row while
+    a routed call runs, else None."""
 
-    A post hook is `hook(host, args, output) -> output`; a pre hook (`pre=True`) is
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key  # the slot's name on its host
+        self.rows = None
+
+
+def attach(host: nn.Module, name: str, child: nn.Module, hook=None, pre: bool = False) -> None:
+    """Put `child` at `host.<child.slot>[name]`; register `hook` once per slot.
+
+    A post hook is `hook(host, args, output) -> output` (default: `output_hook`, for modules
+    whose forward is `child(x, base_out, host)`); a pre hook (`pre=True`) is
     `hook(host, args, kwargs) -> (args, kwargs)` and sees keyword arguments.
     """
     check_name(name)
+    slot = child.slot
     if slot not in host._modules:
-        host.add_module(slot, nn.ModuleDict())
+        host.add_module(slot, Slot(slot))
         handles = host.__dict__.setdefault("_peftlab_hooks", {})
         if pre:
             handles[slot] = host.register_forward_pre_hook(hook, with_kwargs=True)
         else:
-            handles[slot] = host.register_forward_hook(hook)
+            handles[slot] = host.register_forward_hook(hook or partial(output_hook, slot))
     host._modules[slot][name] = child
 
 
-def attached(model: nn.Module, slot: str):
-    """Yield (host_name, host, ModuleDict) for every host carrying `slot`."""
+def attached(model: nn.Module, slot: str | None = None):
+    """Yield (host_name, host, Slot) for every host carrying `slot` (None: any slot)."""
     for host_name, host in model.named_modules():
-        if slot in host._modules:
-            yield host_name, host, host._modules[slot]
+        for key, children in list(host._modules.items()):
+            if isinstance(children, Slot) and slot in (None, key):
+                yield host_name, host, children
 
 
 def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
@@ -57,34 +78,18 @@ def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
             handle.remove()
 
 
-class ROWS:
-    """Per-row routing: `names` holds one adapter name per batch row while a routed call runs.
-
-    A plain class attribute rather than a ContextVar so that torch.compile reads it without a
-    graph break; the price is one routing per process at a time (route from one thread).
-    """
-
-    names = None
-
-    @classmethod
-    def swap(cls, names):
-        """Set the routing (None: off) and return the one it replaces."""
-        previous, cls.names = cls.names, names
-        return previous
-
-
 def active(children: nn.ModuleDict):
     """The children that currently take part in the forward pass."""
-    return [c for c in children.values() if c.active and not getattr(c, "merged", False)]
+    return [c for c in children.values() if c.active and not c.merged]
 
 
-def apply(children: nn.ModuleDict, out: torch.Tensor, run) -> torch.Tensor:
-    """Apply `run(child, rows, out)` for the active children, or per row when ROWS is set.
+def apply(children: Slot, out: torch.Tensor, run) -> torch.Tensor:
+    """Apply `run(child, rows, out)` for the active children, or per row when routed.
 
     `rows` is None (the whole batch) or a list of row indices; `run` returns the new output for
     those rows. Rows routed to no adapter keep the base output.
     """
-    rows = ROWS.names
+    rows = children.rows
     if rows is None:
         for child in active(children):
             out = run(child, None, out)
@@ -95,3 +100,23 @@ def apply(children: nn.ModuleDict, out: torch.Tensor, run) -> torch.Tensor:
         if idx:
             new[idx] = run(child, idx, out[idx])
     return new
+
+
+def output_hook(slot: str, layer, args, output):
+    """The hook of methods that change a layer's output: y ← child(x, y, layer) per active child."""
+    x = args[0]  # (..., in)
+    return apply(layer._modules[slot], output, lambda c, rows, out: c(x if rows is None else x[rows], out, layer))
+
+
+def route(model: nn.Module, rows) -> list:
+    """Set per-row routing on every slot of `model` (None: off); return what each had before."""
+    slots = [children for _, _, children in attached(model)]
+    before = [s.rows for s in slots]
+    for s in slots:
+        s.rows = rows
+    return list(zip(slots, before))
+
+
+def unroute(saved: list) -> None:
+    for s, rows in saved:
+        s.rows = rows

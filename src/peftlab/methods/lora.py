@@ -1,9 +1,11 @@
 """LoRA, rsLoRA and DoRA on linear layers (and GPT-2's transposed Conv1D).
 
-    y = W x + b + s · B A x,  B ∈ R^{m×r} zero-init, A ∈ R^{r×n},  s = α/r  (rsLoRA: α/√r)
+    y = W x + b + s · (B A x + b_B),  B ∈ R^{m×r} zero-init, A ∈ R^{r×n},  s = α/r  (rsLoRA: α/√r)
     DoRA: y = (m / ‖W + sBA‖_row) ⊙ ((W + sBA) x) + b,  m initialised to ‖W‖_row
 
-Trainable per target: r(m+n), plus m for DoRA.
+Trainable per target: r(m+n), plus m for DoRA, plus m for `lora_bias` (b_B, zero-init).
+`rank_pattern` / `alpha_pattern` give chosen layers their own r / α (peft's rule: a pattern
+matches a module path when the path ends in it after a dot).
 """
 
 import math
@@ -13,56 +15,61 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..components import arch_of, is_conv1d, num_layers, parse_layers, where
-from ..errors import UserError, close_matches
-from ..spec import Option
-from .registry import register
-from .attach import apply, attach
-
-SLOT = "lora"
-
-
-def dims(linear: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear layer, however its weight is stored."""
-    if is_conv1d(linear):
-        return linear.weight.shape[0], linear.nf
-    return linear.in_features, linear.out_features
+from ..errors import UserError
+from ..spec import Option, Step
+from .attach import attach
+from .protocol import Added
+from .registry import PeftCodec, register
+from .targets import base_weight, block_of, dims, pick_targets, write_weight
 
 
-def base_weight(linear: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in); GPT-2's Conv1D stores (in, out)."""
-    return linear.weight.T if is_conv1d(linear) else linear.weight
+class LoraDelta(Added):
+    """The low-rank update of one linear layer: explicit A (r, n), B (m, r), optional magnitude
+    (m,) and bias b_B (m,)."""
 
+    slot = "lora"
+    peft_keys = {"A": "lora_A.weight", "B": "lora_B.weight", "B_bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
 
-class LoraDelta(nn.Module):
-    """The low-rank update of one linear layer: explicit A (r, n), B (m, r), optional magnitude (m,)."""
-
-    _peftlab_added = True
-
-    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, d_in))
         self.B = nn.Parameter(torch.zeros(d_out, r))
+        self.B_bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.magnitude = None  # DoRA's (m,) vector, set by `make_dora`
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = dropout
-        self.active = True
-        self.merged = False
 
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A, shape (out, in)."""
+    @property
+    def label(self) -> str:
+        return "LoRA" if self.magnitude is None else "DoRA"
+
+    def delta_weight(self, layer=None) -> torch.Tensor:
+        """s · B A, shape (out, in); for DoRA the full effective change (see `effective`)."""
+        if self.magnitude is not None and layer is not None:
+            w = base_weight(layer).float()
+            return self.effective(layer) - w
         return self.scaling * (self.B @ self.A)
+
+    def low_rank(self):
+        return None if self.magnitude is not None else (self.scaling, self.B, self.A)
 
     def row_norm(self, layer: nn.Module, constant: bool = False) -> torch.Tensor:
         """‖W + s·BA‖ per output row, (m,) in fp32: DoRA's denominator (its forward, its init,
         merging and the workbench all use this one). `constant`: no gradient through s·BA."""
-        dw = self.delta_weight()
+        dw = self.scaling * (self.B @ self.A)
         return torch.linalg.norm(base_weight(layer).float() + (dw.detach() if constant else dw).float(), dim=1)
+
+    def effective(self, layer) -> torch.Tensor:
+        """DoRA's merged weight (m / ‖W + sBA‖) ⊙ (W + sBA), (out, in) fp32."""
+        merged = base_weight(layer).float() + (self.scaling * (self.B @ self.A)).float()
+        return (self.magnitude.float() / self.row_norm(layer))[:, None] * merged
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         # x: (..., n); base_out: (..., m) = W x + b
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        lora = F.linear(F.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype)) * self.scaling
+        lora = F.linear(F.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype),
+                        None if self.B_bias is None else self.B_bias.to(h.dtype)) * self.scaling
         if self.magnitude is None:
             return base_out + lora
         # DoRA: the column norm is treated as a constant (detached), as in the DoRA paper §4.3.
@@ -71,6 +78,49 @@ class LoraDelta(nn.Module):
         bias = layer.bias if layer.bias is not None else 0
         return base_out + (scale - 1) * (base_out - bias) + scale * lora
 
+    def merge(self, layer) -> None:
+        if self.B_bias is not None:
+            if layer.bias is None:
+                raise UserError("lora_bias adapters merge into layers that have a bias; this layer has none")
+            layer.bias.data.add_((self.scaling * self.B_bias).to(layer.bias.dtype))
+        if self.magnitude is None:
+            return super().merge(layer)
+        self._merged_norm = self.row_norm(layer)
+        write_weight(layer, self.effective(layer))
+
+    def unmerge(self, layer) -> None:
+        if self.B_bias is not None:
+            layer.bias.data.sub_((self.scaling * self.B_bias).to(layer.bias.dtype))
+        if self.magnitude is None:
+            return super().unmerge(layer)
+        w = base_weight(layer).float()
+        write_weight(layer, w * (self._merged_norm / self.magnitude.float())[:, None] - self.scaling * (self.B @ self.A).float())
+
+    @classmethod
+    @torch.no_grad()
+    def combine(cls, parts: list, how: str, rank: int | None):
+        """One new delta equal to Σ w_i ΔW_i (see adapters.combine for the three ways)."""
+        if any(d.magnitude is not None or d.B_bias is not None for d, _ in parts):
+            raise UserError("combine works on plain LoRA adapters; DoRA magnitudes and lora_bias do not add up")
+        if how == "cat":
+            A = torch.cat([d.A for d, _ in parts], 0)
+            B = torch.cat([w * d.scaling * d.B for d, w in parts], 1)
+        elif how == "linear":
+            if len({d.A.shape[0] for d, _ in parts}) > 1:
+                raise UserError("combine how=linear needs equal ranks; use how=cat or how=svd for mixed ranks")
+            c = [(abs(w * d.scaling) ** 0.5, 1.0 if w >= 0 else -1.0) for d, w in parts]
+            A = sum(k * d.A for (d, _), (k, _) in zip(parts, c))
+            B = sum(sign * k * d.B for (d, _), (k, sign) in zip(parts, c))
+        else:
+            dw = sum(w * d.delta_weight() for d, w in parts)
+            U, S, Vh = torch.linalg.svd(dw.float(), full_matrices=False)
+            r = min(rank, S.numel())
+            B, A = U[:, :r] * S[:r], Vh[:r]
+        new = cls(A.shape[1], B.shape[0], A.shape[0], alpha=A.shape[0]).to(A.device)  # alpha = r → s = 1
+        new.A.copy_(A)
+        new.B.copy_(B)
+        return new
+
 
 def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
     """Give `delta` a magnitude vector equal to ‖W + sBA‖ per output row (so outputs start unchanged)."""
@@ -78,47 +128,22 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
         delta.magnitude = nn.Parameter(delta.row_norm(layer))
 
 
-def lora_hook(layer, args, output):
-    x = args[0]  # (..., n)
-    return apply(layer._modules[SLOT], output, lambda d, rows, out: d(x if rows is None else x[rows], out, layer))
-
-
-def linear_layers(model) -> dict:
-    """Path -> module for every linear layer (nn.Linear or Conv1D) inside the decoder blocks."""
-    out = {}
-    places = where(model)
-    layers_prefix = arch_of(model).layers + "."
-    for name, module in model.named_modules():
-        if name.startswith(layers_prefix) and (isinstance(module, nn.Linear) or is_conv1d(module)):
-            if places.get(name + ".weight") is None or places[name + ".weight"].component != "added":
-                out[name] = module
-    return out
-
-
-def pick_targets(model, targets, target_regex, layers) -> dict:
-    """Resolve `targets` (leaf names or 'all-linear'), a regex and a block range to modules."""
-    candidates = linear_layers(model)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-    span = parse_layers(layers, num_layers(model)) if layers else None
-    prefix = arch_of(model).layers + "."
-    for t in targets:
-        if t != "all-linear" and t not in leaves:
-            raise UserError(f"target module '{t}' is not in this model{close_matches(t, leaves)}; linear layers: {', '.join(leaves)}")
-    try:
-        rx = re.compile(target_regex) if target_regex else None
-    except re.error as e:
-        raise UserError(f"bad target_regex: {e}") from None
-    chosen = {}
-    for name, module in candidates.items():
-        leaf = name.rsplit(".", 1)[-1]
-        hit = "all-linear" in targets or leaf in targets or bool(rx and rx.search(name))
-        if span is not None and int(name[len(prefix):].split(".")[0]) not in span:
-            hit = False
+def pattern_value(patterns: tuple, path: str, default, kind=float):
+    """peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins."""
+    for item in patterns:
+        key, _, value = item.rpartition("=")
+        if not key:
+            raise UserError(f"pattern '{item}' is not PATTERN=VALUE, e.g. q_proj=16")
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", path)
+        except re.error as e:
+            raise UserError(f"bad pattern '{key}': {e}") from None
         if hit:
-            chosen[name] = module
-    if not chosen:
-        raise UserError(f"no linear layer matches targets={'+'.join(targets)}; linear layers: {', '.join(leaves)}")
-    return chosen
+            try:
+                return kind(value)
+            except ValueError:
+                raise UserError(f"pattern '{item}': {value} is not a number") from None
+    return default
 
 
 def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Generator) -> None:
@@ -135,8 +160,7 @@ def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Ge
             root = torch.sqrt(S[:r] / delta.scaling)
             delta.A.copy_(root[:, None] * Vh[:r])
             delta.B.copy_(U[:, :r] * root[None, :])
-            residual = w - delta.delta_weight()
-            layer.weight.copy_(residual.T if is_conv1d(layer) else residual)
+            write_weight(layer, w - delta.delta_weight())
 
 
 LORA_OPTIONS = dict(
@@ -145,42 +169,129 @@ LORA_OPTIONS = dict(
     dropout=Option(0.0, "float", low=0, high=0.99),
     targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
     target_regex=Option(None, help="regex over module paths"),
-    layers=Option(None, help="block range A-B"),
+    layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rslora=Option(False, "bool", help="scale by alpha/sqrt(r)"),
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
     init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa")),
+    rank_pattern=Option((), "list", help="per-layer ranks: PATTERN=R joined with +"),
+    alpha_pattern=Option((), "list", help="per-layer alphas: PATTERN=ALPHA joined with +"),
+    lora_bias=Option(False, "bool", help="also train a bias on B (peft's lora_bias)"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
 )
 
 
-def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed):
+def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
+             rank_pattern=(), alpha_pattern=(), lora_bias=False):
     """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers."""
-    if r <= 0:
-        raise UserError(f"lora: r must be a positive rank, got {r}")
-    if not 0 <= dropout < 1:
-        raise UserError(f"lora: dropout must be in [0, 1), got {dropout}")
-    if arch_of(model).proj.get("c_attn") == "qkv":  # GPT-2 names
-        targets = tuple("c_attn" if t in ("q_proj", "v_proj", "k_proj") else t for t in targets)
-        targets = tuple(dict.fromkeys(targets))
     alpha = 2 * r if alpha is None else alpha
     gen = torch.Generator().manual_seed(seed)
     for path, layer in pick_targets(model, targets, target_regex, layers).items():
         d_in, d_out = dims(layer)
-        delta = LoraDelta(d_in, d_out, r, alpha, dropout, rslora).to(layer.weight.device)
+        rr = pattern_value(rank_pattern, path, r, int)
+        if rr <= 0:
+            raise UserError(f"lora: rank_pattern gives {path} rank {rr}; ranks must be positive")
+        delta = LoraDelta(d_in, d_out, rr, pattern_value(alpha_pattern, path, alpha), dropout, rslora,
+                          lora_bias).to(layer.weight.device)
         init_delta(delta, layer, init, gen)
         if dora:
             make_dora(delta, layer)
-        attach(layer, SLOT, name, delta, lora_hook)
+        attach(layer, name, delta)
 
 
-@register("lora", **LORA_OPTIONS)
+# ---- peft's LoraConfig ------------------------------------------------------------------
+
+def to_peft(model, step: Step, hosts: dict) -> dict:
+    """LoraConfig fields for adapter deltas `hosts` ({module path: LoraDelta}) made by `step`."""
+    from .targets import linear_layers
+
+    o = step.options
+    rslora = o.get("rslora", False)
+    first = next(iter(hosts.values()))
+    r = o.get("r", 8)
+    alpha = o.get("alpha") if o.get("alpha") is not None else 2 * r
+    leaves = sorted({h.rsplit(".", 1)[-1] for h in hosts})
+    every = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in leaves}
+    layers = sorted({block_of(model, h) for h in hosts})
+    blocks_all = sorted({block_of(model, n) for n in every})
+    if every == set(hosts):
+        targets, layers = leaves, None
+    elif {n for n in every if block_of(model, n) in layers} == set(hosts):
+        targets = leaves  # the same leaves in a subset of blocks
+    else:
+        targets, layers = "(" + "|".join(re.escape(h) for h in sorted(hosts)) + ")", None
+    if layers == blocks_all:
+        layers = None
+    split = lambda items, kind: {k: kind(v) for k, _, v in (i.rpartition("=") for i in items)}  # noqa: E731
+    return {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": first.dropout,
+        "use_rslora": rslora, "use_dora": first.magnitude is not None, "fan_in_fan_out": model.config.model_type == "gpt2",
+        "bias": "none", "lora_bias": first.B_bias is not None, "init_lora_weights": True,
+        "layers_to_transform": layers, "layers_pattern": None,
+        "rank_pattern": split(o.get("rank_pattern", ()), int), "alpha_pattern": split(o.get("alpha_pattern", ()), float),
+    }
+
+
+def _pattern_items(config: dict, key: str, where) -> tuple:
+    items = []
+    for k, v in (config.get(key) or {}).items():
+        if "+" in k or "," in k:
+            raise UserError(f"{where}: {key} key '{k}' holds '+' or ',', which a peftlab strategy cannot carry")
+        items.append(f"{k}={v}")
+    return tuple(items)
+
+
+def from_peft(config: dict, where) -> Step:
+    """The `lora` step equivalent to a peft LoraConfig."""
+    for key, default in (("bias", "none"), ("use_qalora", False), ("layer_replication", None), ("target_parameters", None),
+                         ("exclude_modules", None)):
+        if config.get(key, default) not in (default, None, {}, False, "none", []):
+            raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab")
+    options = {"r": config["r"], "alpha": config.get("lora_alpha", 8), "dropout": config.get("lora_dropout", 0.0),
+               "rslora": bool(config.get("use_rslora")), "dora": bool(config.get("use_dora")),
+               "lora_bias": bool(config.get("lora_bias")),
+               "rank_pattern": _pattern_items(config, "rank_pattern", where),
+               "alpha_pattern": _pattern_items(config, "alpha_pattern", where)}
+    options.update(target_options(config, where))
+    return Step("lora", options)
+
+
+def target_options(config: dict, where) -> dict:
+    """targets / target_regex / layers from peft's target_modules, layers_to_transform and
+    layers_pattern (shared by every peft config that targets linear layers)."""
+    options = {}
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        options["target_regex"] = f"^({targets})$"  # peft: a string is a regex matched in full
+        options["targets"] = ()
+    elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
+        options["target_regex"] = r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + ")$"
+        options["targets"] = ()
+    else:
+        options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
+    if "+" in options.get("target_regex", "") or "," in options.get("target_regex", ""):
+        raise UserError(f"{where}: target_modules {targets!r} holds '+' or ',', which a peftlab strategy cannot carry")
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else sorted(layers)
+        options["layers"] = "+".join(map(str, layers))
+        pattern = config.get("layers_pattern")
+        if pattern not in (None, "", [], "layers", "h", ["layers"], ["h"]):
+            raise UserError(f"{where}: layers_pattern {pattern!r} names no block list of this model (peftlab knows "
+                            "each architecture's blocks: model.layers, transformer.h)")
+    return options
+
+
+LORA = PeftCodec("LORA", to_peft, from_peft, accepts=lambda step: step.options.get("init", "kaiming") != "pissa")
+
+
+@register("lora", peft=LORA, **LORA_OPTIONS)
 def lora(model, **opts):
     """Low-rank update W + (α/r)·BA on chosen linear layers; dora=true, rslora=true variants."""
     add_lora(model, **opts)
 
 
-@register("dora", **LORA_OPTIONS)
+@register("dora", peft=LORA.writer(), **LORA_OPTIONS)
 def dora(model, **opts):
     """LoRA direction plus a trainable magnitude per output feature."""
     add_lora(model, **(opts | {"dora": True}))

@@ -7,23 +7,26 @@ training (more stable, as in Li & Liang); `fold` turns it into plain prefixes fo
 The layout (k, L·2·d_kv) is HF peft's, so weights move between the two unchanged.
 """
 
+from functools import cache
+
 import torch
 import torch.nn as nn
 
 from ..components import blocks, num_layers
 from ..errors import UserError
-from ..spec import Option
-from .registry import register
+from ..spec import Option, Step
+from .registry import PeftCodec, register
 from .attach import attach
+from .protocol import Added
 from .virtual import MARK, cache_key, call_inputs, compute_dtype, is_fresh, shift, the_active
 
-SLOT = "prefix"
 
-
-class PrefixKV(nn.Module):
+class PrefixKV(Added):
     """Per-layer key/value prefixes; `prefix` is (k, L·2·d_kv), or an MLP produces it."""
 
-    _peftlab_added = True
+    slot = "prefix"
+    label = "prefix tuning"
+    peft_keys = {"prefix": "prompt_embeddings"}
 
     def __init__(self, k: int, layers: int, kv_heads: int, head_dim: int, projection: int = 0):
         super().__init__()
@@ -36,10 +39,13 @@ class PrefixKV(nn.Module):
         else:
             self.prefix = nn.Parameter(torch.empty(k, layers * 2 * d_kv))
             self.embedding, self.transform = None, None
-        self.active = True
 
     def table(self) -> torch.Tensor:
         return self.transform(self.embedding) if self.transform is not None else self.prefix
+
+    def stored(self) -> dict:
+        """Saved as the plain prefixes it produces (the reparametrisation MLP is folded)."""
+        return {"prefix": self.table()}
 
     def forward(self, batch: int, dtype) -> list:
         """[(key, value)] per layer, each (B, kv_heads, k, head_dim)."""
@@ -56,16 +62,14 @@ class PrefixKV(nn.Module):
             self.prefix = nn.Parameter(table)
 
 
-def read_only_cache(config):
-    """A cache holding only the prefixes that never stores what a forward pass adds.
-
-    Training needs no KV cache, and gradient checkpointing replays each block's forward in
-    backward: a cache that grew on the first pass would be wrong on the replay. This one
-    answers every `update` with [prefix; new] and stays as it was, so replays see the same.
-    """
+@cache
+def _prefix_only_cache_class():
+    """The cache class below, defined once (transformers is imported on first use)."""
     from transformers import DynamicCache
 
     class PrefixOnlyCache(DynamicCache):
+        """Holds the prefixes and never stores what a forward pass adds (see read_only_cache)."""
+
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             layer = self.layers[layer_idx]
             return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
@@ -73,11 +77,21 @@ def read_only_cache(config):
         def fill(self, key_states, value_states, layer_idx):
             return DynamicCache.update(self, key_states, value_states, layer_idx)
 
-    return PrefixOnlyCache(config=config)
+    return PrefixOnlyCache
+
+
+def read_only_cache(config):
+    """A cache holding only the prefixes that never stores what a forward pass adds.
+
+    Training needs no KV cache, and gradient checkpointing replays each block's forward in
+    backward: a cache that grew on the first pass would be wrong on the replay. This one
+    answers every `update` with [prefix; new] and stays as it was, so replays see the same.
+    """
+    return _prefix_only_cache_class()(config=config)
 
 
 def prefix_hook(model, args, kwargs):
-    prefix = the_active(model, SLOT)
+    prefix = the_active(model, PrefixKV.slot)
     if prefix is None:
         return args, kwargs
     args, batch, length, device = call_inputs(args, kwargs)
@@ -108,8 +122,23 @@ def kv_shape(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+def to_peft(model, step: Step, hosts: dict) -> dict:
+    """PrefixTuningConfig fields (prefix_projection=False: a reparametrised prefix is saved folded)."""
+    prefix = next(iter(hosts.values()))
+    kv_heads, head_dim = kv_shape(model.config)
+    return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": prefix.k, "token_dim": kv_heads * head_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": kv_heads, "num_layers": model.config.num_hidden_layers,
+            "encoder_hidden_size": kv_heads * head_dim, "prefix_projection": False}
+
+
+def from_peft(config: dict, where) -> Step:
+    if config.get("prefix_projection"):
+        raise UserError(f"{where}: prefix_projection=true adapters keep peft's MLP; peftlab reads folded prefixes only")
+    return Step("prefix", {"tokens": config["num_virtual_tokens"]})
+
+
 @register(
-    "prefix",
+    "prefix", peft=PeftCodec("PREFIX_TUNING", to_peft, from_peft), saved_as={"projection": 0},
     tokens=Option(20, "int", help="prefix length k", low=1),
     projection=Option(0, "int", help="hidden size of the reparametrisation MLP (0: none)", low=0),
     name=Option("default"),
@@ -125,7 +154,8 @@ def prefix(model, tokens, projection, name, seed):
     with torch.no_grad():
         for param in p.parameters():
             param.normal_(0, 0.02, generator=gen) if param.dim() > 1 else param.zero_()
-    attach(model, SLOT, name, p.to(next(model.parameters()).device), prefix_hook, pre=True)
+    attach(model, name, p.to(next(model.parameters()).device), prefix_hook, pre=True)
     for block in blocks(model):
-        # Blocks may keep our read-only prefix cache under gradient checkpointing (see read_only_cache).
+        # transformers drops the cache of a checkpointed block unless the block declares it
+        # only reads it (GradientCheckpointingLayer's documented opt-in); ours is read-only.
         block._can_checkpoint_with_cache = True

@@ -9,30 +9,30 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..spec import Option
-from .registry import register
+from ..spec import Option, Step
+from .registry import PeftCodec, register
 from .attach import attach
+from .protocol import Added
 from .virtual import MARK, cache_of, call_inputs, is_fresh, shift, the_active
 
-SLOT = "prompt"
 
-
-class PromptEmbedding(nn.Module):
+class PromptEmbedding(Added):
     """k virtual token embeddings, (k, d)."""
 
-    _peftlab_added = True
+    slot = "prompt"
+    label = "prompt tuning"
+    peft_keys = {"weight": "prompt_embeddings"}
 
     def __init__(self, k: int, d: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(k, d))
-        self.active = True
 
     def forward(self, batch: int) -> torch.Tensor:
         return self.weight.unsqueeze(0).expand(batch, -1, -1)  # (B, k, d)
 
 
 def prompt_hook(model, args, kwargs):
-    prompt = the_active(model, SLOT)
+    prompt = the_active(model, PromptEmbedding.slot)
     if prompt is None:
         return args, kwargs
     k = prompt.weight.shape[0]
@@ -55,8 +55,20 @@ def prompt_hook(model, args, kwargs):
     return args, kwargs
 
 
+def to_peft(model, step: Step, hosts: dict) -> dict:
+    weight = next(iter(hosts.values())).weight
+    c = model.config
+    return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": weight.shape[0], "token_dim": weight.shape[1],
+            "num_transformer_submodules": 1, "num_attention_heads": c.num_attention_heads,
+            "num_layers": c.num_hidden_layers, "prompt_tuning_init": "RANDOM"}
+
+
+def from_peft(config: dict, where) -> Step:
+    return Step("prompt", {"tokens": config["num_virtual_tokens"], "init": "random"})
+
+
 @register(
-    "prompt",
+    "prompt", peft=PeftCodec("PROMPT_TUNING", to_peft, from_peft),
     tokens=Option(20, "int", help="number of virtual tokens k", low=1),
     init=Option("vocabulary", "choice", ("random", "vocabulary", "text")),
     text=Option("Write in the style of the training text.", help="init text for init=text"),
@@ -83,4 +95,4 @@ def prompt(model, tokens, init, text, name, seed, tokenizer=None):
                 raise UserError("prompt: init=text needs a non-empty text")
             ids = (ids * (tokens // len(ids) + 1))[:tokens]
             p.weight.copy_(table[torch.tensor(ids)].float())
-    attach(model, SLOT, name, p, prompt_hook, pre=True)
+    attach(model, name, p, prompt_hook, pre=True)

@@ -3,7 +3,7 @@ runs on CPU and CUDA), LoRA on top in full precision.
 
     y = dequant(W_q) x + b + s · B A x
 
-Trainable: r(m+n) per target, as LoRA. `storage_bytes` reports what the base really occupies.
+Trainable: r(m+n) per target, as LoRA. `params.storage_bytes` reports what the base really occupies.
 """
 
 import warnings
@@ -20,7 +20,8 @@ from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
 from .registry import register
-from .lora import LORA_OPTIONS, add_lora, linear_layers
+from .lora import LORA_OPTIONS, add_lora
+from .targets import linear_layers
 
 
 def _bnb():
@@ -48,20 +49,7 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
     return q.to(linear.weight.device)  # moving to a device is what quantizes
 
 
-def storage_bytes(model) -> int:
-    """Bytes the model's weights occupy as stored (quantized blocks and their scales included)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        if state is not None and getattr(state, "absmax", None) is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-        scb = getattr(getattr(m, "weight", None), "SCB", None)
-        if isinstance(scb, torch.Tensor):
-            total += scb.numel() * scb.element_size()
-    return total
-
-
-@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init")})
+@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias")})
 def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):
@@ -72,4 +60,4 @@ def qlora(model, bits, **opts):
         if type(linear) is nn.Linear:
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, quantize_linear(linear, bits))
-    add_lora(model, dora=False, init="kaiming", **opts)
+    add_lora(model, dora=False, init="kaiming", lora_bias=False, **opts)

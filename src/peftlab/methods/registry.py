@@ -1,12 +1,47 @@
-"""The registry of methods: each method file registers itself here by name with the options it
-accepts. A module of its own, so that method files import it and never the package that
-imports them (no import cycle)."""
+"""The registry of methods. Each method file registers itself here by name with the options
+it accepts (and, where HF peft has the method, its peft codec). `discover()` imports every
+module of the `methods` package, so a new method is one new file: nothing lists it.
+"""
 
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from dataclasses import dataclass, replace
 
 from ..spec import Option
 
 REGISTRY: dict = {}
+
+
+@dataclass(frozen=True)
+class PeftCodec:
+    """How a method's adapter reads and writes as HF peft's adapter_config.json.
+
+    write(model, step, hosts) -> config fields   (hosts: {module path: added module}); None
+                                                  when the method has no peft type of its own
+    read(config, where) -> Step                  (None: this method only writes the type,
+                                                  another reads it back, e.g. dora -> lora)
+    accepts(step) -> bool                        (False: this variant has no peft form)
+    inside(model, step, hosts) -> config fields  riding inside a LoRA config (peft's
+                                                  modules_to_save, trainable_token_indices)
+    read_inside(config, where) -> Step | None    the same, read back (None: not in this config)
+    tensor_name(host, suffix, alone) -> str      (default: base_model.model.<host>.<suffix>)
+    Tensors need no other code: each added module's `peft_keys` names them.
+    """
+
+    peft_type: str | None
+    write: object = None
+    read: object = None
+    accepts: object = None
+    inside: object = None
+    read_inside: object = None
+    tensor_name: object = None
+
+    def writer(self) -> "PeftCodec":
+        return replace(self, read=None, read_inside=None)
+
+    def holds(self, step, alone: bool = True) -> bool:
+        able = self.write is not None if alone else self.inside is not None
+        return able and (self.accepts is None or self.accepts(step))
 
 
 @dataclass(frozen=True)
@@ -15,13 +50,37 @@ class Method:
     apply: object
     options: dict
     doc: str
+    peft: PeftCodec | None = None
+    saved_as: dict | None = None  # options a saved adapter records instead (e.g. a folded prefix)
 
 
-def register(method_name: str, **options: Option):
+def register(method_name: str, peft: PeftCodec | None = None, saved_as: dict | None = None, **options: Option):
     """Decorator: register `fn(model, **options)` as strategy `method_name`."""
 
     def wrap(fn):
-        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0], peft, saved_as)
         return fn
 
     return wrap
+
+
+def discover() -> dict:
+    """Import every module of the methods package once (each registers what it defines)."""
+    from .. import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
+    return REGISTRY
+
+
+def peft_reader(peft_type: str):
+    """The codec that reads a peft_type, or None."""
+    for m in discover().values():
+        if m.peft is not None and m.peft.peft_type == peft_type and m.peft.read is not None:
+            return m.peft
+    return None
+
+
+def companions() -> list:
+    """Codecs that read what rides inside another method's peft config."""
+    return [m.peft for m in discover().values() if m.peft is not None and m.peft.read_inside is not None]

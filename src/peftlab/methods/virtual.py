@@ -9,7 +9,7 @@ call on a cache that carries virtual tokens is shifted by k.
 import torch
 
 from ..errors import UserError
-from .attach import ROWS, active
+from .attach import active
 
 MARK = "_peftlab_virtual"  # attribute on a cache object: how many virtual tokens it holds
 
@@ -17,7 +17,7 @@ MARK = "_peftlab_virtual"  # attribute on a cache object: how many virtual token
 def the_active(model, slot: str):
     """The one active virtual-token module in `model.<slot>`, or None."""
     children = model._modules[slot]
-    if ROWS.names is not None and children:
+    if children.rows is not None and children:
         raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {slot} tuning")
     live = active(children)
     return live[0] if live else None

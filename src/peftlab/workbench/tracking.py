@@ -5,11 +5,12 @@ base matrices:
 - base matrices: the step change is the update AdamW just applied, recomputed from its
   moments, lr·m̂/(√v̂ + ε) (+ lr·λ·W for weight decay); the drift is taken once at the end
   against a freshly loaded base (`final_drift`).
-- LoRA: the effective merged delta ΔW = s·BA is never built; its norms come from r×r Gram
-  matrices, ‖s₁B₁A₁ − s₀B₀A₀‖² = s₁²⟨B₁ᵀB₁, A₁A₁ᵀ⟩ + s₀²⟨B₀ᵀB₀, A₀A₀ᵀ⟩ − 2s₁s₀⟨B₁ᵀB₀, A₁A₀ᵀ⟩,
-  from copies of the small A and B only.
-- DoRA: the effective delta m ⊙ (W+sBA)/‖W+sBA‖ − W, built per step (DoRA targets are few).
-- every other added matrix (bottleneck W_down/W_up, prompt and prefix tables): plain copies.
+- added modules that change a layer's weight (the protocol's `delta_weight`) are tracked as
+  that effective ΔW. Low-rank ones (`low_rank()` = s, B, A) never build it: the norms come
+  from r×r Gram matrices, ‖s₁B₁A₁ − s₀B₀A₀‖² = s₁²⟨B₁ᵀB₁, A₁A₁ᵀ⟩ + s₀²⟨B₀ᵀB₀, A₀A₀ᵀ⟩
+  − 2s₁s₀⟨B₁ᵀB₀, A₁A₀ᵀ⟩, from copies of the small A and B only; the others (DoRA, IA3,
+  LoHa, LoKr, OFT...) build ΔW once per step.
+- every other added tensor (bottleneck W_down/W_up, prompt and prefix tables): plain copies.
 """
 
 import time
@@ -18,7 +19,6 @@ import torch
 
 from ..components import where
 from ..methods.attach import attached
-from ..methods.lora import SLOT, base_weight
 
 
 def _gram_dist(s1, B1, A1, s0, B0, A0) -> float:
@@ -27,6 +27,16 @@ def _gram_dist(s1, B1, A1, s0, B0, A0) -> float:
     sq = (s1 * s1 * ((B1.T @ B1) * (A1 @ A1.T)).sum() + s0 * s0 * ((B0.T @ B0) * (A0 @ A0.T)).sum()
           - 2 * s1 * s0 * ((B1.T @ B0) * (A1 @ A0.T)).sum())
     return float(sq.clamp_min(0).sqrt())
+
+
+def _effective(child, layer):
+    """A function giving `child`'s current ΔW on `layer`, (out, in) fp32, without autograd."""
+
+    @torch.no_grad()
+    def get():
+        return child.delta_weight(layer).float().clone()
+
+    return get
 
 
 def _label(places, name: str) -> tuple:
@@ -41,32 +51,33 @@ class WeightTracker:
         self.model = model
         places = where(model)
         params = dict(model.named_parameters())
-        self.base = {n: params[n] for n in will_train if places[n].component != "added" and params[n].dim() == 2}
-        self.lora = []  # (label, delta, layer, A0, B0, s0, prevA, prevB, prev_eff)
-        lora_params = set()
-        for host_name, layer, slot in attached(model, SLOT):
-            for name, delta in slot.items():
-                if not delta.A.requires_grad:
+        self.base = {n: params[n] for n in will_train if places[n].component != "added"}
+        self.low_rank = []  # [label, (s, B, A) getter, A0, B0, prevA, prevB]
+        self.dense = []  # [label, ΔW getter, ΔW0, prev ΔW]
+        covered = set()
+        for host_name, layer, slot in attached(model):
+            for child in slot.values():
+                trains = any(p.requires_grad for p in child.parameters())
+                if not trains or not child.mergeable:
                     continue
-                lora_params.update(id(p) for p in delta.parameters())
-                A0, B0 = delta.A.detach().clone(), delta.B.detach().clone()
-                eff = self._dora_effective(delta, layer) if delta.magnitude is not None else None
-                self.lora.append([f"{host_name}.weight", delta, layer, A0, B0, A0, B0, eff, eff])
+                covered.update(id(p) for p in child.parameters())
+                label = f"{host_name}.weight"
+                factors = child.low_rank()
+                if factors is not None:
+                    s0, B0, A0 = (t.detach().clone() if torch.is_tensor(t) else t for t in factors)
+                    self.low_rank.append([label, child.low_rank, A0, B0, A0, B0])
+                else:
+                    get = _effective(child, layer)
+                    eff = get()
+                    self.dense.append([label, get, eff, eff])
         self.added = {n: (p, p.detach().clone(), p.detach().clone()) for n, p in params.items()
-                      if n in will_train and places[n].component == "added" and p.dim() == 2 and id(p) not in lora_params}
+                      if n in will_train and places[n].component == "added" and id(p) not in covered}
         # reused scratch, on the weights' device (a CPU buffer cannot hold a GPU update)
         device = next(iter(self.base.values())).device if self.base else torch.device("cpu")
         self._buffer = torch.empty(max((p.numel() for p in self.base.values()), default=0), device=device)
         self.steps: dict[str, list] = {}  # matrix -> [‖W_t − W_{t−1}‖_F per step]
         self._drift: dict[str, float] = {}
         self.seconds = 0.0
-
-    @staticmethod
-    @torch.no_grad()
-    def _dora_effective(delta, layer) -> torch.Tensor:
-        w = base_weight(layer).float()
-        merged = w + delta.delta_weight().float()
-        return (delta.magnitude.float() / delta.row_norm(layer))[:, None] * merged - w
 
     def _record(self, name, value):
         self.steps.setdefault(name, []).append(value)
@@ -93,18 +104,18 @@ class WeightTracker:
             if wd:  # AdamW: W_t = (1 − lr·λ)·W_{t−1} − lr·u, so W_t − W_{t−1} = −(lr·λ·W_t + u) / (1 − lr·λ)
                 u.add_(p.detach(), alpha=lr * wd).div_(1 - lr * wd)
             self._record(name, float(torch.linalg.vector_norm(u)))
-        for entry in self.lora:
-            label, delta, layer, A0, B0, prevA, prevB, eff0, prev_eff = entry
-            if delta.magnitude is None:
-                s = delta.scaling
-                self._record(label, _gram_dist(s, delta.B, delta.A, s, prevB, prevA))
-                self._drift[label] = _gram_dist(s, delta.B, delta.A, s, B0, A0)
-            else:
-                eff = self._dora_effective(delta, layer)
-                self._record(label, float(torch.linalg.norm(eff - prev_eff)))
-                self._drift[label] = float(torch.linalg.norm(eff - eff0))
-                entry[8] = eff
-            entry[5], entry[6] = delta.A.detach().clone(), delta.B.detach().clone()
+        for entry in self.low_rank:
+            label, factors, A0, B0, prevA, prevB = entry
+            sc, B, A = factors()
+            self._record(label, _gram_dist(sc, B, A, sc, prevB, prevA))
+            self._drift[label] = _gram_dist(sc, B, A, sc, B0, A0)
+            entry[4], entry[5] = A.detach().clone(), B.detach().clone()
+        for entry in self.dense:
+            label, get, eff0, prev = entry
+            eff = get()
+            self._record(label, float(torch.linalg.norm(eff - prev)))
+            self._drift[label] = float(torch.linalg.norm(eff - eff0))
+            entry[3] = eff
         for name, (p, p0, prev) in self.added.items():
             self._record(name, float(torch.linalg.norm(p.detach().float() - prev.float())))
             self._drift[name] = float(torch.linalg.norm(p.detach().float() - p0.float()))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts, data, methods, models, runtime
+from .. import artifacts, data, methods, models, run as run_mod, runtime
 from ..files import write_json
-from ..methods.qlora import storage_bytes
+from ..params import storage_bytes
 from ..params import count
 from ..progress import phase
 from ..report_to import Tracker
-from ..train import TrainConfig, held_out_loss, train
+from ..train import TrainConfig, held_out_loss
 from .style import greedy_text, style_share, top_tokens
 from .tracking import WeightTracker
 
@@ -47,15 +47,14 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     device, dtype = runtime.pick_device(cfg.device), runtime.check_dtype(cfg.dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with phase(f"loading {job['model']}", show):
-        loaded = models.load(job["model"], seed=cfg.seed)
+    r = run_mod.load(job["model"], job["data"], cfg, show, **job.get("data_options", {}))
+    loaded, blocks = r.loaded, r.blocks
     digest = weights_digest(loaded.model)
-    blocks = data.load_blocks(loaded, job["data"], cfg.seq_len, **job.get("data_options", {}))
     forget = data.load_blocks(loaded, job["forget"], cfg.seq_len, held_out=1.0, max_held=16) if job.get("forget") else None
     top = top_tokens(blocks.train_ids)
     prompt = blocks.held_ids[:1, : job["prompt_tokens"]].to(device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
-    prepared = methods.prepare(loaded.model, job["strategy"], loaded.tokenizer)
+    prepared = run_mod.prepare(r, job["strategy"]).prepared
     will_train = set(methods.trainable_parameters(loaded.model)) | {n for v in prepared.unfreeze_at.values() for n in v}
     loaded.model.to(device)
 
@@ -80,15 +79,14 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
 
     start = time.perf_counter()
     try:
-        records = train(loaded.model, blocks, prepared, cfg, out=folder, on_step=on_step, show=show, on_record=board.log)
+        records = run_mod.fit(r, out=folder, show=show, on_step=on_step, on_record=board.log)
     finally:
         board.close()
     total = time.perf_counter() - start
     train_peak = max(r.get("peak_mem", 0) for r in records)
     with phase("sampling and scoring after training", show):
         after = measure()
-    with phase("saving the adapter", show):
-        adapter = artifacts.save(loaded.model, prepared, folder / "adapter", base_model=job["model"])
+    adapter = run_mod.save(r, folder / "adapter", show)
     initial = dict(models.load(job["model"], seed=cfg.seed).model.named_parameters())  # W_0, after the peak
     steps = [r for r in records if "step_time" in r]
     counts = count(loaded.model)

@@ -1,0 +1,70 @@
+"""The one protocol every module a method adds follows; the rest of peftlab (switching,
+merging, saving, tracking, reports) works through it and never names a method.
+
+An added module lives at `host.<slot>[adapter name]` (see attach.py) and carries:
+
+    slot              where it is stored on its host ("lora", "ia3", ...); part of tensor names
+    active, merged    take part in the forward pass? folded into the host's weight?
+    forward(...)      the method's own computation (its hook knows the signature)
+    delta_weight(L)   the effective change of host layer L's weight, (out, in) fp32, or None
+                      when the method has no equivalent weight (bottlenecks, prompts)
+    merge(L)/unmerge(L)  fold into / take out of L's weight; additive by default, W ± ΔW
+    low_rank()        (s, B, A) when ΔW = s·B·A, so norms can be taken without building ΔW
+    peft_keys         parameter name -> the tensor name peft stores it under on the host
+    lr_scale          parameter name -> learning-rate multiplier (LoRA+: B trains ratio × faster)
+    stored()          parameter name -> tensor as saved (a reparametrisation may fold here)
+
+A method whose added module overrides nothing but `forward` still switches, disables,
+deletes, saves and loads; `delta_weight` makes it mergeable and tracked as a weight change.
+"""
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from .targets import base_weight, write_weight
+
+
+class Added(nn.Module):
+    """Base of every module a method adds to a model (see the module docstring)."""
+
+    _peftlab_added = True  # components.where() reads this: parameters below are "added"
+    slot: ClassVar[str] = ""
+    peft_keys: ClassVar[dict] = {}
+    label: ClassVar[str] = ""  # how errors name the method, e.g. "bottleneck adapters"
+
+    def __init__(self):
+        super().__init__()
+        self.active = True
+        self.merged = False
+        self.method = ""  # the strategy step that added it (set by `prepare`)
+        self.lr_scale = {}  # parameter name -> learning-rate multiplier (default 1)
+
+    def delta_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        """ΔW for host `layer`, shape (out, in), or None when the method has no such weight."""
+        return None
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self).delta_weight is not Added.delta_weight or type(self).merge is not Added.merge
+
+    def merge(self, layer: nn.Module) -> None:
+        """W ← W + ΔW (a method whose update is not additive overrides this and `unmerge`)."""
+        write_weight(layer, base_weight(layer).float() + self.delta_weight(layer).float())
+
+    def unmerge(self, layer: nn.Module) -> None:
+        write_weight(layer, base_weight(layer).float() - self.delta_weight(layer).float())
+
+    def low_rank(self):
+        """(s, B (out, r), A (r, in)) when ΔW = s·B·A; else None."""
+        return None
+
+    def stored(self) -> dict:
+        """Parameter name -> tensor, as it is saved and loaded."""
+        return dict(self.named_parameters())
+
+    def peft_tensors(self) -> dict:
+        """peft's tensor name suffix -> our tensor, for the parameters peft knows."""
+        mine = self.stored()
+        return {suffix: mine[name] for name, suffix in self.peft_keys.items() if mine.get(name) is not None}

@@ -1,0 +1,88 @@
+"""Which linear layers a method reaches, and how to read and write their weights whatever
+their layout (nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out))."""
+
+import re
+
+import torch
+import torch.nn as nn
+
+from ..components import arch_of, is_conv1d, num_layers, parse_layers, where
+from ..errors import UserError, close_matches
+
+
+def dims(linear: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer, however its weight is stored."""
+    if is_conv1d(linear):
+        return linear.weight.shape[0], linear.nf
+    return linear.in_features, linear.out_features
+
+
+def base_weight(linear: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in); GPT-2's Conv1D stores (in, out)."""
+    return linear.weight.T if is_conv1d(linear) else linear.weight
+
+
+def write_weight(layer: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Store an (out, in) weight into `layer` in its own layout and dtype."""
+    value = w_out_in.T if is_conv1d(layer) else w_out_in
+    layer.weight.data.copy_(value.to(layer.weight.dtype))
+
+
+def linear_layers(model) -> dict:
+    """Path -> module for every linear layer (nn.Linear or Conv1D) inside the decoder blocks."""
+    out = {}
+    places = where(model)
+    layers_prefix = arch_of(model).layers + "."
+    for name, module in model.named_modules():
+        if name.startswith(layers_prefix) and (isinstance(module, nn.Linear) or is_conv1d(module)):
+            if places.get(name + ".weight") is None or places[name + ".weight"].component != "added":
+                out[name] = module
+    return out
+
+
+def gpt2_names(model, targets) -> tuple:
+    """GPT-2 keeps q, k and v in one matrix (c_attn): map those names onto it."""
+    if arch_of(model).proj.get("c_attn") == "qkv":
+        targets = tuple("c_attn" if t in ("q_proj", "v_proj", "k_proj") else t for t in targets)
+    return tuple(dict.fromkeys(targets))
+
+
+def block_of(model, path: str) -> int | None:
+    """Index of the decoder block a module path lies in."""
+    prefix = arch_of(model).layers + "."
+    return int(path[len(prefix):].split(".")[0]) if path.startswith(prefix) else None
+
+
+def pick_targets(model, targets, target_regex=None, layers=None) -> dict:
+    """Resolve `targets` (leaf names or 'all-linear'), a regex over module paths and a block
+    range ('A-B', or a '+'-joined list of block indices) to {path: module}."""
+    candidates = linear_layers(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    span = block_set(layers, num_layers(model)) if layers else None
+    targets = gpt2_names(model, targets)
+    for t in targets:
+        if t != "all-linear" and t not in leaves:
+            raise UserError(f"target module '{t}' is not in this model{close_matches(t, leaves)}; linear layers: {', '.join(leaves)}")
+    try:
+        rx = re.compile(target_regex) if target_regex else None
+    except re.error as e:
+        raise UserError(f"bad target_regex: {e}") from None
+    chosen = {}
+    for name, module in candidates.items():
+        leaf = name.rsplit(".", 1)[-1]
+        hit = "all-linear" in targets or leaf in targets or bool(rx and rx.search(name))
+        if span is not None and block_of(model, name) not in span:
+            hit = False
+        if hit:
+            chosen[name] = module
+    if not chosen:
+        raise UserError(f"no linear layer matches targets={'+'.join(targets)}; linear layers: {', '.join(leaves)}")
+    return chosen
+
+
+def block_set(text, n_layers: int) -> set:
+    """'6-11', '6' or '0+3+5' -> the set of block indices, checked against the model's depth."""
+    out = set()
+    for part in str(text).split("+"):
+        out.update(parse_layers(part, n_layers))
+    return out

@@ -1,0 +1,104 @@
+"""The method file is the unit: the rest of peftlab works through the protocol and never
+imports a method file; a new method is discovered without being listed anywhere."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftlab
+from peftlab import load_model, prepare
+
+SRC = Path(peftlab.__file__).parent
+METHODS = SRC / "methods"
+
+
+def method_files() -> set:
+    """Modules of the methods package that register a method (the rest is infrastructure)."""
+    return {p.stem for p in METHODS.glob("*.py") if "@register(" in p.read_text()}
+
+
+def imported_methods(path: Path) -> set:
+    """Names of peftlab.methods submodules that `path` imports (absolute or relative)."""
+    rel = path.relative_to(SRC).with_suffix("")
+    package = ["peftlab", *rel.parts[:-1]]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module + "." + a.name for a in node.names] + [module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["peftlab", "methods"] and len(parts) > 2:
+                found.add(parts[2])
+    return found
+
+
+GENERIC = [*sorted((SRC / "artifacts").glob("*.py")), SRC / "merge.py", SRC / "adapters.py",
+           *sorted((SRC / "workbench").glob("*.py"))]
+
+
+def test_the_finder_sees_method_files_and_imports():
+    assert {"lora", "prefix", "adapter"} <= method_files()
+    assert "protocol" not in method_files() and "registry" not in method_files()
+    assert "lora" in imported_methods(METHODS / "qlora.py")  # a relative import is seen
+
+
+@pytest.mark.parametrize("path", GENERIC, ids=lambda p: str(p.relative_to(SRC)))
+def test_generic_code_imports_no_method_file(path):
+    named = imported_methods(path) & method_files()
+    assert not named, f"{path.relative_to(SRC)} imports method file(s) {sorted(named)}; go through methods/protocol.py"
+
+
+def test_a_new_method_file_is_discovered(tmp_path, monkeypatch):
+    """Dropping one file into the package registers the method: nothing else lists it."""
+    import importlib
+    import sys
+
+    from peftlab.methods import registry
+
+    pkg = tmp_path / "extra"
+    (pkg / "methods").mkdir(parents=True)
+    (pkg / "methods" / "scale_out.py").write_text(
+        "import torch\nimport torch.nn as nn\n"
+        "from peftlab.methods.attach import attach\nfrom peftlab.methods.protocol import Added\n"
+        "from peftlab.methods.registry import register\nfrom peftlab.methods.targets import pick_targets\n"
+        "class Scale(Added):\n    slot = 'scale_out'\n"
+        "    def __init__(self, m):\n        super().__init__()\n        self.g = nn.Parameter(torch.zeros(m))\n"
+        "    def forward(self, x, out, layer):\n        return out * (1 + self.g)\n"
+        "@register('scale-out')\ndef scale_out(model):\n    '''Scale q outputs.'''\n"
+        "    for path, layer in pick_targets(model, ('q_proj',)).items():\n"
+        "        attach(layer, 'default', Scale(layer.out_features))\n")
+    monkeypatch.setattr(peftlab.methods, "__path__", [*peftlab.methods.__path__, str(pkg / "methods")])
+    try:
+        found = registry.discover()
+        assert "scale-out" in found
+        model = load_model("tiny-llama").model
+        prepare(model, "scale-out")
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 64
+    finally:
+        registry.REGISTRY.pop("scale-out", None)
+        sys.modules.pop("peftlab.methods.scale_out", None)
+        importlib.invalidate_caches()
+
+
+def test_adapters_switch_any_added_module():
+    """disabled() gives base outputs for every kind of added module at once (slots are derived)."""
+    from peftlab import adapters
+
+    loaded = load_model("tiny-llama")
+    ids = torch.tensor([loaded.encode("Call me Ishmael.")])
+    base = loaded.model(input_ids=ids).logits
+    prepare(loaded.model, "lora:r=2/adapter:r=4/prompt:tokens=2")
+    for p in loaded.model.parameters():
+        if p.requires_grad:
+            p.data.add_(0.1)
+    assert not torch.allclose(loaded.model(input_ids=ids).logits[:, -base.shape[1]:], base, atol=1e-3)
+    with adapters.disabled(loaded.model):
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, base, atol=1e-6, rtol=0)
