@@ -66,7 +66,7 @@ def params(model: str = o.MODEL, strategy: str = o.STRATEGY):
     for comp, (t, n) in count(loaded.model).items():
         table.add_row(comp, f"{t:,}", f"{n:,}", f"{100 * t / n:.2f}" if n else "-", style="bold" if comp == "total" else None)
     out.print(table)
-    from .methods.qlora import storage_bytes
+    from .params import storage_bytes
 
     out.print(f"weights as stored: {storage_bytes(loaded.model) / 1e6:,.1f} MB")
 
@@ -89,9 +89,9 @@ def train(
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import artifacts, checkpoint, data as data_mod, distributed, methods, models, report_to as report_to_mod, runtime
+    from . import artifacts, checkpoint, distributed, methods, report_to as report_to_mod, run as run_mod, runtime
     from .files import write_json
-    from .train import TrainConfig, config_dict, train as run_training
+    from .train import TrainConfig, config_dict
 
     from .spec import split_lr
 
@@ -129,22 +129,19 @@ def train(
     main_process = distributed.is_main()
     show = not quiet and main_process
     # Everything that can fail on user input happens before the first byte is written.
-    with phase(f"loading {model}", show):
-        loaded = models.load(model, seed=seed)
-    with phase(f"reading {data}", show):
-        blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
-    base_bytes = sum(p.numel() * 4 for p in loaded.model.parameters())
-    prepared = methods.prepare(loaded.model, strategy, loaded.tokenizer)
+    job = run_mod.load(model, data, cfg, show, text_column=text_column, system=system)
+    base_bytes = sum(p.numel() * 4 for p in job.model.parameters())
+    run_mod.prepare(job, strategy)
     from .params import count
 
-    trainable, total = count(loaded.model)["total"]
+    trainable, total = count(job.model)["total"]
     run_file = out_dir / "run.json"
     previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
     run = {"command": "train", "model": model, "data": data, "data_options": {"text_column": text_column, "system": system},
-           "strategy": prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
+           "strategy": job.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
            "processes": distributed.world_size(), "versions": runtime.versions(),
            "hardware": runtime.hardware(runtime.pick_device(device)),
-           "data_tokens": blocks.n_tokens, "train_blocks": len(blocks.train_ids), "held_out_blocks": len(blocks.held_ids)}
+           "data_tokens": job.blocks.n_tokens, "train_blocks": len(job.blocks.train_ids), "held_out_blocks": len(job.blocks.held_ids)}
     last = checkpoint.latest(out_dir) if resume else None
     if previous:
         run["resumed"] = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0]
@@ -154,12 +151,11 @@ def train(
     start = time.perf_counter()
     tracker = report_to_mod.Tracker(report_to if main_process else "none", out_dir / "tensorboard")
     try:
-        records = run_training(loaded.model, blocks, prepared, cfg, out=out_dir, show=show, resume=resume,
-                               identity={"model": model, "data": data}, on_record=tracker.log)
+        records = run_mod.fit(job, out=out_dir, show=show, resume=resume, identity={"model": model, "data": data},
+                              on_record=tracker.log)
     finally:
         tracker.close()
-    with phase("saving the adapter", show):
-        folder = artifacts.save(loaded.model, prepared, out_dir / "adapter", base_model=model)
+    folder = run_mod.save(job, out_dir / "adapter", show)
     if not main_process:
         return
     size = artifacts.size_on_disk(folder)

@@ -1,0 +1,60 @@
+"""One training run, step by step: load → prepare → fit → save. The command line, the
+workbench's per-strategy worker and the benchmark all run through these four functions, so a
+run means the same thing everywhere.
+
+    r = run.load("smollm2-135m", "moby-dick", TrainConfig(steps=100, seq_len=256))
+    run.prepare(r, "lora:r=8")
+    records = run.fit(r, out="runs/a")
+    run.save(r, "runs/a/adapter")
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import artifacts, data, methods, models
+from .progress import phase
+from .train import TrainConfig, train
+
+
+@dataclass
+class Run:
+    """What a run holds: the loaded model and tokenizer, its data blocks, its strategy."""
+
+    model_name: str
+    data_name: str
+    cfg: TrainConfig
+    loaded: object  # models.Loaded
+    blocks: object  # data.Blocks
+    prepared: methods.Prepared | None = None
+    records: list = field(default_factory=list)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+
+def load(model: str, data_name: str, cfg: TrainConfig, show: bool = True, **data_options) -> Run:
+    """Load the base (seeded by cfg.seed) and cut `data_name` into cfg.seq_len blocks."""
+    with phase(f"loading {model}", show):
+        loaded = models.load(model, seed=cfg.seed)
+    with phase(f"reading {data_name}", show):
+        blocks = data.load_blocks(loaded, data_name, cfg.seq_len, **data_options)
+    return Run(model, data_name, cfg, loaded, blocks)
+
+
+def prepare(r: Run, strategy: str) -> Run:
+    """Apply strategy `strategy` to the run's model (freeze, add modules)."""
+    r.prepared = methods.prepare(r.loaded.model, strategy, r.loaded.tokenizer)
+    return r
+
+
+def fit(r: Run, out: Path | None = None, show: bool = True, **hooks) -> list:
+    """Train; `hooks` go to train.train (resume, identity, on_step, on_record)."""
+    r.records = train(r.loaded.model, r.blocks, r.prepared, r.cfg, out=out, show=show, **hooks)
+    return r.records
+
+
+def save(r: Run, folder: Path, show: bool = True) -> Path:
+    """Write the adapter (peft's format where it can hold the strategy, else peftlab's)."""
+    with phase("saving the adapter", show):
+        return artifacts.save(r.loaded.model, r.prepared, folder, base_model=r.model_name)
