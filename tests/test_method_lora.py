@@ -82,3 +82,73 @@ def test_pissa_starts_at_the_base_model():
 def test_errors(spec, says):
     with pytest.raises(UserError, match=says.replace("(", r"\(")):
         prepare(load_model("tiny-llama").model, spec)
+
+
+# ---- peft's LoraConfig in full -------------------------------------------------------------
+
+def _leaves(arch):
+    return ("c_attn", "c_fc") if arch == "tiny-gpt2" else ("q_proj", "v_proj")
+
+
+FULL_CONFIGS = {
+    "rank-and-alpha-patterns": (
+        lambda a, b: f"lora:r=4,alpha=8,targets={a}+{b},rank_pattern={a}=2,alpha_pattern={b}=3",
+        lambda a, b: dict(r=4, lora_alpha=8, target_modules=[a, b], rank_pattern={a: 2}, alpha_pattern={b: 3})),
+    "path-pattern": (  # a pattern naming one layer's module by its path
+        lambda a, b: f"lora:r=4,targets={a},rank_pattern=1.{'attn' if a == 'c_attn' else 'self_attn'}.{a}=6",
+        lambda a, b: dict(r=4, lora_alpha=8, target_modules=[a], rank_pattern={f"1.{'attn' if a == 'c_attn' else 'self_attn'}.{a}": 6})),
+    "layers-to-transform": (
+        lambda a, b: f"lora:r=4,alpha=8,targets={a}+{b},layers=1",
+        lambda a, b: dict(r=4, lora_alpha=8, target_modules=[a, b], layers_to_transform=[1])),
+    "lora-bias": (
+        lambda a, b: f"lora:r=4,alpha=8,targets={a}+{b},lora_bias=true",
+        lambda a, b: dict(r=4, lora_alpha=8, target_modules=[a, b], lora_bias=True)),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", list(FULL_CONFIGS))
+def test_peft_config_features_agree_with_peft(arch, case, tmp_path):
+    """rank_pattern, alpha_pattern, layers_to_transform and lora_bias: same tensors, same logits, both ways."""
+    from peft import LoraConfig
+
+    from method_checks import peft_agrees
+
+    spec, config = FULL_CONFIGS[case]
+    if case == "path-pattern" and arch == "tiny-gptneo":
+        pytest.skip("GPT-Neo's attention lives at attn.attention")
+    a, b = _leaves(arch)
+    peft_agrees(arch, spec(a, b), LoraConfig(fan_in_fan_out=arch == "tiny-gpt2", **config(a, b)), tmp_path)
+
+
+def test_a_peft_regex_target_and_layers_pattern_load(tmp_path):
+    """peft's target_modules as a regex string, and layers_to_transform with layers_pattern."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.artifacts import load
+
+    for i, config in enumerate([LoraConfig(r=2, target_modules=r".*\.(q_proj|o_proj)"),
+                                LoraConfig(r=2, target_modules=["k_proj"], layers_to_transform=[0], layers_pattern="layers")]):
+        pm = get_peft_model(load_model("tiny-llama").model, config)
+        perturb(pm, 0.1)
+        pm.save_pretrained(str(tmp_path / str(i)))
+        ours = load_model("tiny-llama")
+        load(ours.model, tmp_path / str(i))
+        ids = sample_ids(ours)
+        torch.testing.assert_close(ours.model(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_lora_bias_merges_into_the_layer_bias():
+    from method_checks import merges_exactly
+
+    merges_exactly("tiny-gpt2", "lora:r=2,targets=c_attn,lora_bias=true")
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("lora:rank_pattern=q_proj", "pattern 'q_proj' is not PATTERN=VALUE"),
+    ("lora:rank_pattern=q_proj=x", "x is not a number"),
+    ("lora:rank_pattern=q_proj=0", "ranks must be positive"),
+])
+def test_bad_patterns_are_one_line(spec, says):
+    with pytest.raises(UserError, match=says):
+        prepare(load_model("tiny-llama").model, spec)

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
 from .loss import IGNORE, causal_lm_loss_sum
-from .methods import trainable_parameters
+from .methods import parameter_groups, trainable_parameters
 from .progress import Progress
 
 
@@ -141,7 +141,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
 
     runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
     params = list(trainable_parameters(model).values())
-    opt = adamw(params, cfg) if params else None
+    opt = adamw(parameter_groups(model, params), cfg) if params else None
     if state:
         for at in sorted(prepared.unfreeze_at):
             if at < state["step"]:
@@ -189,8 +189,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 if step - 1 in prepared.unfreeze_at:
                     opt = _unfreeze(model, prepared.unfreeze_at[step - 1], opt, cfg)
                 start = time.perf_counter()
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, cfg)
+                for group in opt.param_groups:  # a method may ask for its own multiplier (LoRA+)
+                    group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg)
                 loss_sum = 0.0
                 for _ in range(cfg.grad_accum):
                     ids, labels = next(batches)

@@ -8,7 +8,9 @@
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model("runs/sft/adapter")
 
-The trainer class is the caller's own, with one public method changed: `save_model`, which
+The trainer class is the caller's own, with two public methods changed. `create_optimizer`
+splits the Trainer's parameter groups by the learning-rate multipliers a method asks for
+(LoRA+: B at ratio × lr), and `save_model`, which
 the Trainer calls for every checkpoint and for the final save, writes a peftlab artifact
 (peft's format where peft can express the strategy) instead of the whole model, so nothing
 of the frozen base is saved. Each folder also holds `model.safetensors` with the trained
@@ -24,6 +26,7 @@ from pathlib import Path
 from . import artifacts, distributed
 from .artifacts.io import write_tensors
 from .artifacts.native import trained_tensors
+from .methods import parameter_groups
 
 RESUME_FILE = "model.safetensors"  # the name Trainer looks for when it resumes
 
@@ -52,6 +55,17 @@ def adapter_trainer(base: type) -> type:
         def __init__(self, *args, prepared, base_model: str = "", **kwargs):
             super().__init__(*args, **kwargs)
             self.peftlab_prepared, self.peftlab_base_model = prepared, base_model
+
+        def create_optimizer(self, *args, **kwargs):
+            opt = super().create_optimizer(*args, **kwargs)
+            model = self.accelerator.unwrap_model(self.model)
+            groups = [g | sub | {"lr": g["lr"] * sub["lr_scale"]} for g in opt.param_groups
+                      for sub in parameter_groups(model, g["params"])]
+            if any(g["lr_scale"] != 1 for g in groups):  # before the first step: no optimizer state yet
+                opt.param_groups.clear()
+                for g in groups:
+                    opt.add_param_group(g)
+            return opt
 
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             folder = Path(output_dir or self.args.output_dir)

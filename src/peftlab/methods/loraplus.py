@@ -1,0 +1,25 @@
+"""LoRA+: LoRA whose B matrices learn `ratio` times faster than their A matrices.
+
+    y = W x + b + s · B A x   as LoRA;   lr(B) = ratio · lr(A),  ratio = λ (16 in the paper)
+
+Hayou et al. (2024) show that with one learning rate for both factors, feature learning in
+wide layers is inefficient: B (zero-init, out × r) needs a larger step than A. The adapter is
+plain LoRA (it saves as peft's LORA and merges like it); only the optimizer differs, through
+the protocol's `lr_scale`. Trainable per target: r(m+n), as LoRA.
+"""
+
+from ..spec import Option
+from .lora import LORA, LORA_OPTIONS, add_lora
+from .protocol import Added
+from .registry import register
+
+
+@register("loraplus", peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
+          **{k: v for k, v in LORA_OPTIONS.items() if k != "dora"})
+def loraplus(model, ratio, **opts):
+    """LoRA with B trained at ratio × the learning rate of A (LoRA+)."""
+    before = {id(m) for m in model.modules()}
+    add_lora(model, dora=False, **opts)
+    for m in model.modules():
+        if isinstance(m, Added) and id(m) not in before:
+            m.lr_scale = {"B": ratio}
