@@ -58,3 +58,14 @@ def test_cli_train_with_compile(cli, text_file, tmp_path):
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is True
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_a_second_compiled_run_in_one_process_sees_its_own_hooks(text_file):
+    """dynamo does not guard on hooks inside a block: a graph traced for a model without added
+    modules must not be reused for one with them (compile_blocks starts from an empty cache)."""
+    _run("tokens:ids=5+17", text_file, True)  # blocks traced with no hooks inside them
+    _, eager = _run("lora:r=4,targets=all-linear", text_file, False)
+    _, fused = _run("lora:r=4,targets=all-linear", text_file, True)
+    for a, b in zip(eager, fused):
+        if "loss" in a:
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5), a["step"]

@@ -1,9 +1,8 @@
 """LoRA+: B's learning rate is ratio × A's; otherwise exactly LoRA (counts, peft format, merge)."""
 
 import pytest
-import torch
 
-from conftest import ARCHS, linear_dims, n_trainable, perturb, sample_ids
+from conftest import ARCHS, linear_dims, n_trainable, perturb
 from method_checks import merges_exactly, named_and_routed, peft_agrees, starts_at_the_base
 from peftlab import TrainConfig, load_blocks, load_model, prepare, train
 from peftlab.errors import UserError

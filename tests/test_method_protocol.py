@@ -102,3 +102,32 @@ def test_adapters_switch_any_added_module():
     assert not torch.allclose(loaded.model(input_ids=ids).logits[:, -base.shape[1]:], base, atol=1e-3)
     with adapters.disabled(loaded.model):
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, base, atol=1e-6, rtol=0)
+
+
+def test_the_loss_runs_the_head_when_an_added_module_there_has_no_weight():
+    """loss.py multiplies by the head's weight without calling the head; an added module on the
+    head that gives no `head_weight` makes it run the layer, so the module still counts."""
+    import torch.nn as nn
+
+    from peftlab.loss import causal_lm_loss
+    from peftlab.methods.attach import attach
+    from peftlab.methods.protocol import Added
+
+    class Temperature(Added):
+        slot = "temperature"
+
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, out, layer):
+            return out * self.t
+
+    loaded = load_model("tiny-llama")
+    attach(loaded.model.get_output_embeddings(), "default", Temperature())
+    ids = torch.tensor([loaded.encode("Call me Ishmael. Some years ago")])
+    ours = causal_lm_loss(loaded.model, ids, ids)
+    theirs = loaded.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    ours.backward()
+    assert loaded.model.lm_head.temperature["default"].t.grad is not None

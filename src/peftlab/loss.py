@@ -124,8 +124,33 @@ def causal_lm_loss_sum(model, input_ids, labels, chunk: int = 256, fused: bool =
         # The head runs in the autocast dtype, as F.linear would under autocast. (A trainable
         # final norm keeps an fp32 weight, so h may arrive in fp32.)
         h = h.to(torch.get_autocast_dtype(device))
-    weight = model.get_output_embeddings().weight
+    head = model.get_output_embeddings()
+    weight = head_weight(head)
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    if weight is None:  # an added module on the head that is not a weight: run the layer itself
+        logits = head(h).float()  # (n, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()
     with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly here
         total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused, torch.is_grad_enabled())
     return total, keep.sum()
+
+
+def head_weight(head):
+    """The output layer's effective weight (V, d): the plain weight, or what the added modules
+    on it make of it (`Added.head_weight`: trained token rows, a trained copy). The chunked
+    loss multiplies by this weight without calling the layer, so its hooks would be skipped.
+    None when an active added module has no such weight, or rows are routed: the loss then
+    runs the layer."""
+    from .methods.attach import active, attached
+
+    weight = head.weight
+    for _, _, slot in attached(head):
+        if slot.rows is not None:
+            return None
+        for child in active(slot):
+            weight = child.head_weight(head, weight)
+            if weight is None:
+                return None
+    return weight

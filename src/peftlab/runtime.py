@@ -147,6 +147,10 @@ def compile_blocks(model):
     if device.type == "cpu" and not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")):
         raise UserError("--compile needs a C++ compiler on the CPU (torch inductor builds kernels); install g++ or drop --compile")
     blocks = list(model.get_submodule(arch_of(model).layers))
+    # Graphs compiled earlier in this process (another model, other adapters) would be reused:
+    # dynamo does not guard on the hooks of modules inside a block, which is where added
+    # modules live. Start from an empty cache, so each run traces its own hooks.
+    torch._dynamo.reset()
     for block in blocks:
         block.compile()
     previous = attention.use(model)

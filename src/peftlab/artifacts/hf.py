@@ -43,15 +43,15 @@ def _codec(step):
     return REGISTRY[step.method].peft
 
 
-def expressible(steps: list) -> bool:
+def expressible(steps: list, model) -> bool:
     """True when peft's format holds this strategy exactly: one method with a peft codec, or
     LoRA plus methods that ride inside its config (modules_to_save, trainable tokens)."""
     if any(_codec(s) is None for s in steps):
         return False
     if len(steps) == 1:
-        return _codec(steps[0]).holds(steps[0])
-    main = [s for s in steps if _codec(s).peft_type == "LORA" and _codec(s).holds(s)]
-    return len(main) == 1 and all(_codec(s).holds(s, alone=False) for s in steps if s is not main[0])
+        return _codec(steps[0]).holds(steps[0], model)
+    main = [s for s in steps if _codec(s).peft_type == "LORA" and _codec(s).holds(s, model)]
+    return len(main) == 1 and all(_codec(s).holds(s, model, alone=False) for s in steps if s is not main[0])
 
 
 def _main(steps: list):
@@ -78,13 +78,15 @@ def _tensors(model, steps, name) -> dict:
         codec = _codec(step)
         for host, child in _hosts(model, name, step).items():
             for suffix, t in child.peft_tensors().items():
-                out[_tensor_name(codec, host, suffix, alone)] = t
+                key = _tensor_name(codec, host, suffix, alone)
+                if key is not None:
+                    out[key] = t
     return out
 
 
 def save(model, steps: list, folder: Path, name: str = "default", base_model: str = "") -> None:
     """Write `name`'s adapter in peft's layout into `folder` (the caller makes it atomic)."""
-    if not expressible(steps):
+    if not expressible(steps, model):
         raise ValueError("not expressible in peft's format")
     from ..files import write_json
     from ..models import reference
@@ -97,11 +99,26 @@ def save(model, steps: list, folder: Path, name: str = "default", base_model: st
     config |= _codec(main).write(model, main, _hosts(model, name, main))
     for step in steps:
         if step is not main:
-            config |= _codec(step).inside(model, step, _hosts(model, name, step))
+            config = _merged(config, _codec(step).inside(model, step, _hosts(model, name, step)))
     tensors = _tensors(model, steps, name)
-    write_tensors(folder / TENSORS, {k: v.detach().float() for k, v in tensors.items()},
+    # clones: one tensor may stand under two names (tied layers), which safetensors refuses
+    write_tensors(folder / TENSORS, {k: v.detach().float().clone() for k, v in tensors.items()},
                   metadata={"peftlab_base_model": base_model} if base_model else None)
     write_json(folder / CONFIG, config)
+
+
+def _merged(config: dict, fields: dict) -> dict:
+    """Fields of several companions (two `modules` steps...) join: lists add, dicts unite."""
+    out = dict(config)
+    for k, v in fields.items():
+        old = out.get(k)
+        if isinstance(old, list) and isinstance(v, list):
+            out[k] = old + [x for x in v if x not in old]
+        elif isinstance(old, dict) and isinstance(v, dict):
+            out[k] = old | v
+        else:
+            out[k] = v
+    return out
 
 
 def steps_of(config: dict, where: Path) -> list:
@@ -113,9 +130,8 @@ def steps_of(config: dict, where: Path) -> list:
         raise UserError(f"{where}: peft_type {kind} is not supported; peftlab reads {', '.join(readable)}")
     steps = [codec.read(config, where)]
     for extra in companions():
-        step = extra.read_inside(config, where)
-        if step is not None:
-            steps.append(step)
+        found = extra.read_inside(config, where)
+        steps.extend([found] if isinstance(found, Step) else found or [])
     return steps
 
 

@@ -20,7 +20,7 @@ from ..spec import Option, Step
 from .attach import attach
 from .protocol import Added
 from .registry import PeftCodec, register
-from .targets import base_weight, block_of, dims, pick_targets, write_weight
+from .targets import base_weight, dims, peft_targets, pick_targets, target_options, write_weight
 
 
 class LoraDelta(Added):
@@ -203,31 +203,16 @@ def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, do
 
 def to_peft(model, step: Step, hosts: dict) -> dict:
     """LoraConfig fields for adapter deltas `hosts` ({module path: LoraDelta}) made by `step`."""
-    from .targets import linear_layers
-
     o = step.options
     rslora = o.get("rslora", False)
     first = next(iter(hosts.values()))
     r = o.get("r", 8)
     alpha = o.get("alpha") if o.get("alpha") is not None else 2 * r
-    leaves = sorted({h.rsplit(".", 1)[-1] for h in hosts})
-    every = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in leaves}
-    layers = sorted({block_of(model, h) for h in hosts})
-    blocks_all = sorted({block_of(model, n) for n in every})
-    if every == set(hosts):
-        targets, layers = leaves, None
-    elif {n for n in every if block_of(model, n) in layers} == set(hosts):
-        targets = leaves  # the same leaves in a subset of blocks
-    else:
-        targets, layers = "(" + "|".join(re.escape(h) for h in sorted(hosts)) + ")", None
-    if layers == blocks_all:
-        layers = None
     split = lambda items, kind: {k: kind(v) for k, _, v in (i.rpartition("=") for i in items)}  # noqa: E731
     return {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": first.dropout,
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, **peft_targets(model, hosts), "lora_dropout": first.dropout,
         "use_rslora": rslora, "use_dora": first.magnitude is not None, "fan_in_fan_out": model.config.model_type == "gpt2",
         "bias": "none", "lora_bias": first.B_bias is not None, "init_lora_weights": True,
-        "layers_to_transform": layers, "layers_pattern": None,
         "rank_pattern": split(o.get("rank_pattern", ()), int), "alpha_pattern": split(o.get("alpha_pattern", ()), float),
     }
 
@@ -256,33 +241,7 @@ def from_peft(config: dict, where) -> Step:
     return Step("lora", options)
 
 
-def target_options(config: dict, where) -> dict:
-    """targets / target_regex / layers from peft's target_modules, layers_to_transform and
-    layers_pattern (shared by every peft config that targets linear layers)."""
-    options = {}
-    targets = config.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        options["target_regex"] = f"^({targets})$"  # peft: a string is a regex matched in full
-        options["targets"] = ()
-    elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
-        options["target_regex"] = r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + ")$"
-        options["targets"] = ()
-    else:
-        options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
-    if "+" in options.get("target_regex", "") or "," in options.get("target_regex", ""):
-        raise UserError(f"{where}: target_modules {targets!r} holds '+' or ',', which a peftlab strategy cannot carry")
-    layers = config.get("layers_to_transform")
-    if layers is not None:
-        layers = [layers] if isinstance(layers, int) else sorted(layers)
-        options["layers"] = "+".join(map(str, layers))
-        pattern = config.get("layers_pattern")
-        if pattern not in (None, "", [], "layers", "h", ["layers"], ["h"]):
-            raise UserError(f"{where}: layers_pattern {pattern!r} names no block list of this model (peftlab knows "
-                            "each architecture's blocks: model.layers, transformer.h)")
-    return options
-
-
-LORA = PeftCodec("LORA", to_peft, from_peft, accepts=lambda step: step.options.get("init", "kaiming") != "pissa")
+LORA = PeftCodec("LORA", to_peft, from_peft, accepts=lambda step, model: step.options.get("init", "kaiming") != "pissa")
 
 
 @register("lora", peft=LORA, **LORA_OPTIONS)

@@ -10,6 +10,8 @@ An added module lives at `host.<slot>[adapter name]` (see attach.py) and carries
                       when the method has no equivalent weight (bottlenecks, prompts)
     merge(L)/unmerge(L)  fold into / take out of L's weight; additive by default, W ± ΔW
     low_rank()        (s, B, A) when ΔW = s·B·A, so norms can be taken without building ΔW
+    head_weight(L, W) on the output layer: the weight the loss should multiply by (None: the
+                      loss runs the layer, which is slower: loss.py never builds all logits otherwise)
     peft_keys         parameter name -> the tensor name peft stores it under on the host
     lr_scale          parameter name -> learning-rate multiplier (LoRA+: B trains ratio × faster)
     stored()          parameter name -> tensor as saved (a reparametrisation may fold here)
@@ -58,6 +60,10 @@ class Added(nn.Module):
 
     def low_rank(self):
         """(s, B (out, r), A (r, in)) when ΔW = s·B·A; else None."""
+        return None
+
+    def head_weight(self, layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """On the output layer: `weight` (V, d) as this module changes it, or None."""
         return None
 
     def stored(self) -> dict:

@@ -20,11 +20,12 @@ class PeftCodec:
                                                   when the method has no peft type of its own
     read(config, where) -> Step                  (None: this method only writes the type,
                                                   another reads it back, e.g. dora -> lora)
-    accepts(step) -> bool                        (False: this variant has no peft form)
+    accepts(step, model) -> bool                 (False: this variant, or this model, has no peft form)
     inside(model, step, hosts) -> config fields  riding inside a LoRA config (peft's
                                                   modules_to_save, trainable_token_indices)
-    read_inside(config, where) -> Step | None    the same, read back (None: not in this config)
-    tensor_name(host, suffix, alone) -> str      (default: base_model.model.<host>.<suffix>)
+    read_inside(config, where) -> [Step]         the same, read back ([] or None: not in this config)
+    tensor_name(host, suffix, alone) -> str      (default: base_model.model.<host>.<suffix>;
+                                                  None: this tensor is not in this layout)
     Tensors need no other code: each added module's `peft_keys` names them.
     """
 
@@ -39,9 +40,9 @@ class PeftCodec:
     def writer(self) -> "PeftCodec":
         return replace(self, read=None, read_inside=None)
 
-    def holds(self, step, alone: bool = True) -> bool:
+    def holds(self, step, model, alone: bool = True) -> bool:
         able = self.write is not None if alone else self.inside is not None
-        return able and (self.accepts is None or self.accepts(step))
+        return able and (self.accepts is None or self.accepts(step, model))
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ def register(method_name: str, peft: PeftCodec | None = None, saved_as: dict | N
         return fn
 
     return wrap
+
+
+def resolved(step) -> dict:
+    """The step's options with the method's defaults filled in."""
+    return {k: o.default for k, o in REGISTRY[step.method].options.items()} | step.options
 
 
 def discover() -> dict:

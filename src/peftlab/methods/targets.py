@@ -86,3 +86,47 @@ def block_set(text, n_layers: int) -> set:
     for part in str(text).split("+"):
         out.update(parse_layers(part, n_layers))
     return out
+
+
+# ---- peft's names for the same choice (target_modules, layers_to_transform) ---------------
+
+def peft_targets(model, hosts) -> dict:
+    """peft config fields that select exactly the layers `hosts` (module paths): leaf names when
+    they cover every such layer (in all blocks, or in some: layers_to_transform), else a regex
+    of the exact paths."""
+    leaves = sorted({h.rsplit(".", 1)[-1] for h in hosts})
+    every = {n for n in linear_layers(model) if n.rsplit(".", 1)[-1] in leaves}
+    layers = sorted({block_of(model, h) for h in hosts})
+    if every == set(hosts):
+        targets, layers = leaves, None
+    elif {n for n in every if block_of(model, n) in layers} == set(hosts):
+        targets = leaves  # the same leaves in a subset of blocks
+    else:
+        targets, layers = "(" + "|".join(re.escape(h) for h in sorted(hosts)) + ")", None
+    return {"target_modules": targets, "layers_to_transform": layers, "layers_pattern": None}
+
+
+def target_options(config: dict, where) -> dict:
+    """targets / target_regex / layers from peft's target_modules, layers_to_transform and
+    layers_pattern (shared by every peft config that targets linear layers)."""
+    options = {}
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        options["target_regex"] = f"^({targets})$"  # peft: a string is a regex matched in full
+        options["targets"] = ()
+    elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
+        options["target_regex"] = r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + ")$"
+        options["targets"] = ()
+    else:
+        options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
+    if "+" in options.get("target_regex", "") or "," in options.get("target_regex", ""):
+        raise UserError(f"{where}: target_modules {targets!r} holds '+' or ',', which a peftlab strategy cannot carry")
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else sorted(layers)
+        options["layers"] = "+".join(map(str, layers))
+        pattern = config.get("layers_pattern")
+        if pattern not in (None, "", [], "layers", "h", ["layers"], ["h"]):
+            raise UserError(f"{where}: layers_pattern {pattern!r} names no block list of this model (peftlab knows "
+                            "each architecture's blocks: model.layers, transformer.h)")
+    return options

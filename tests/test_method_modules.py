@@ -1,0 +1,149 @@
+"""Modules to save: full copies of named modules. Counts (tied lm_head too), identity at init,
+equality with HF peft's LoraConfig(modules_to_save=...), merging (refused when tied), errors."""
+
+import pytest
+import torch
+
+import method_checks as mc
+from conftest import ARCHS, n_trainable, perturb, sample_ids
+from peftlab import load_model, prepare
+from peftlab.errors import UserError
+from peftlab.merge import merge, merge_and_unload
+
+NORM = {"tiny-gpt2": "ln_f", "tiny-gptneo": "ln_f"}  # the final norm's leaf name (else "norm")
+EMBED = {"tiny-gpt2": "wte", "tiny-gptneo": "wte"}
+FAN = {"tiny-gpt2": True}  # GPT-2's Conv1D
+
+
+def norm(arch):
+    return NORM.get(arch, "norm")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_counts_are_the_modules_sizes(arch):
+    """Σ parameters of every module whose path ends with a name (peft's rule: 'norm' picks
+    input_layernorm too); a tied lm_head counts V·d once more, as its own copy."""
+    model = load_model(arch).model
+    names = ("lm_head", norm(arch))
+    hosts = {p: m for p, m in model.named_modules() if p and p.endswith(names)}
+    want = sum(p.numel() for m in hosts.values() for p in m.parameters(recurse=False))
+    prepare(model, f"modules:names={'+'.join(names)}")
+    assert n_trainable(model) == want
+    emb = model.get_input_embeddings().weight
+    assert not emb.requires_grad and want >= emb.numel()
+
+
+def test_a_path_picks_one_module():
+    model = load_model("tiny-llama").model
+    prepare(model, "modules:names=model.norm")
+    assert n_trainable(model) == model.config.hidden_size
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_counts_match_peft(arch):
+    from peft import LoraConfig, get_peft_model
+
+    names = ["lm_head", EMBED.get(arch, "embed_tokens"), norm(arch)]
+    theirs = get_peft_model(load_model(arch).model, LoraConfig(r=4, modules_to_save=names, fan_in_fan_out=FAN.get(arch, False)))
+    ours = load_model(arch).model
+    prepare(ours, f"lora:r=4/modules:names={'+'.join(names)}")
+    assert n_trainable(ours) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_starts_at_the_base(arch):
+    mc.starts_at_the_base(arch, f"modules:names=lm_head+{norm(arch)}", atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_as_peft_inside_lora(arch, tmp_path):
+    from peft import LoraConfig
+
+    names = ["lm_head", norm(arch)]
+    config = LoraConfig(r=4, modules_to_save=names, fan_in_fan_out=FAN.get(arch, False))
+    mc.peft_agrees(arch, f"lora:r=4/modules:names={'+'.join(names)}", config, tmp_path)
+
+
+def test_same_as_peft_with_tokens_and_embedding(tmp_path):
+    """modules_to_save and trainable_token_indices in one LoRA config; a copied embedding."""
+    from peft import LoraConfig
+
+    mc.peft_agrees("tiny-llama", "lora:r=4/modules:names=lm_head/tokens:ids=64+68",
+                   LoraConfig(r=4, modules_to_save=["lm_head"], trainable_token_indices=[64, 68]), tmp_path / "a")
+    mc.peft_agrees("tiny-gemma3", "lora:r=4/modules:names=embed_tokens",
+                   LoraConfig(r=4, modules_to_save=["embed_tokens"]), tmp_path / "b")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merges_exactly(arch):
+    names = "lm_head+" + norm(arch) if arch == "tiny-llama" else norm(arch)  # lm_head is tied elsewhere
+    mc.merges_exactly(arch, f"modules:names={names}")
+
+
+def test_tied_copy_is_its_own_and_refuses_to_merge():
+    loaded = load_model("tiny-gpt2")
+    ids = sample_ids(loaded)
+    prepare(loaded.model, "modules:names=lm_head")
+    perturb(loaded.model)
+    emb = loaded.model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    loaded.model(input_ids=ids).logits.sum().backward()
+    assert emb.grad is None and torch.equal(emb, before)  # the embedding (= base lm_head) stays
+    with pytest.raises(UserError, match="tied"):
+        merge(loaded.model)
+    with pytest.raises(UserError, match="tied"):
+        merge_and_unload(loaded.model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_named_and_routed(arch):
+    mc.named_and_routed(arch, "modules:names=lm_head")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpointing_keeps_gradients(arch):
+    mc.checkpointing_keeps_gradients(arch, f"modules:names=lm_head+{norm(arch)}")
+
+
+def loss_and_grad(arch, spec, chunked):
+    from peftlab.train import batch_loss
+
+    loaded = load_model(arch)
+    prepare(loaded.model, spec)
+    perturb(loaded.model)
+    ids = sample_ids(loaded)
+    loss = batch_loss(loaded.model, ids, ids, chunked=chunked)
+    loss.backward()
+    return loss.detach(), [p.grad for p in loaded.model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("names", ["norm", "lm_head"])
+def test_training_loss_sees_the_copy(names):
+    """The training loop's chunked loss equals the model's own loss, gradients included."""
+    (chunked, g1), (plain, g2) = (loss_and_grad("tiny-gpt2" if names == "lm_head" else "tiny-llama", f"modules:names={names}", c)
+                                  for c in (True, False))
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_compiles_like_eager(text_file):
+    mc.compiles_like_eager("modules:names=lm_head+norm", text_file)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("modules:names=lm_haed", "'lm_haed' is not in this model (did you mean: lm_head"),
+    ("modules:names=layers.0", "model.layers.0 is a block of modules"),
+    ("modules:names=", "give the modules to train"),
+    ("modules:nmes=lm_head", "unknown key 'nmes'"),
+])
+def test_errors(spec, says):
+    with pytest.raises(UserError, match=says.replace("(", r"\(")):
+        prepare(load_model("tiny-llama").model, spec)
+
+
+def test_peft_configs_it_cannot_read():
+    from peftlab.artifacts.hf import steps_of
+
+    with pytest.raises(UserError, match="ensure_weight_tying"):
+        steps_of({"peft_type": "LORA", "r": 4, "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}, "x")
