@@ -16,10 +16,10 @@ SPECS = [
     "lora:r=4", "lora:r=4,targets=all-linear,rslora=true", "dora:r=4", "lora:r=4,init=pissa",
     "adapter:r=8", "adapter:r=8,placement=pfeiffer", "prefix:tokens=4", "prefix:tokens=4,projection=16",
     "prompt:tokens=4", "schedule:mlp=0,attention=2", "targeted-qkv:from_layer=1/lora:r=4",
-    "loraplus:r=4", "ia3", "loha:r=2", "lokr:r=2", "vera:r=8", "oft:block_size=8", "tokens:ids=32+101+104",
-    "modules:names=lm_head", "lora:r=2/tokens:ids=101",
+    "loraplus:r=4", "ia3", "loha:r=2", "lokr:r=2", "vera:r=8", "oft:block_size=8", "tokens:ids=68+220+83",
+    "modules:names=lm_head", "lora:r=2/tokens:ids=68",
 ]
-NEW = ["ia3", "loha:r=2", "lokr:r=2", "vera:r=8", "oft:block_size=8", "tokens:ids=32+101+104", "modules:names=lm_head"]
+NEW = ["ia3", "loha:r=2", "lokr:r=2", "vera:r=8", "oft:block_size=8", "tokens:ids=68+220+83", "modules:names=lm_head"]
 
 
 def applies(arch, spec):
