@@ -156,3 +156,43 @@ def compiles_like_eager(spec, text_file):
                 assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) + 1e-5, (key, a["step"])
     for name, p in w_eager.items():
         torch.testing.assert_close(w_fused[name], p, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def chunked_loss_agrees(arch, spec):
+    """The training loop's chunked loss (it multiplies by the head's weight without calling the
+    head) equals the model's own loss, gradients included: what a method adds on the output
+    layer reaches the loss through `head_weight`."""
+    from peftlab.train import batch_loss
+
+    results = []
+    for chunked in (True, False):
+        loaded = load_model(arch)
+        prepare(loaded.model, spec)
+        perturb(loaded.model)
+        ids = sample_ids(loaded)
+        loss = batch_loss(loaded.model, ids, ids, chunked=chunked)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in loaded.model.parameters() if p.requires_grad]))
+    (chunked_loss, g1), (plain_loss, g2) = results
+    torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def native_where_peft_refuses(arch, spec, peft_config, tmp_path, refusal="Conv1D"):
+    """peft cannot build this adapter on `arch` (it raises `refusal`); peftlab trains it and
+    saves it in its own format (never a peft folder peft would refuse), which loads back."""
+    import pytest
+    from peft import get_peft_model
+
+    with pytest.raises(TypeError, match=refusal):
+        get_peft_model(load_model(arch).model, peft_config)
+    loaded = load_model(arch)
+    prepared = prepare(loaded.model, spec)
+    perturb(loaded.model, 0.1)
+    ids = sample_ids(loaded)
+    folder = save(loaded.model, prepared, tmp_path / "a")
+    assert kind(folder) == "peftlab"
+    fresh = load_model(arch)
+    load(fresh.model, folder)
+    torch.testing.assert_close(logits(fresh.model, ids), logits(loaded.model, ids), atol=1e-6, rtol=0)

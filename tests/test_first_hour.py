@@ -211,3 +211,24 @@ def test_report_merges_comparisons_and_train_runs_across_time(cli, text_file, tm
                              text=True, timeout=120).stdout
         tip = re.search(r'data-tip="([^"]*)"', dom).group(1)
         assert tip.startswith("train loss") and "monday: full:" in tip and "tuesday: dora:r=2:" in tip, tip
+
+
+def test_dtype_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    import torch
+
+    from peftlab import runtime
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        assert runtime.check_dtype("auto", torch.device("cpu")) == want
+
+
+def test_bf16_where_it_is_emulated_says_so_in_one_line(monkeypatch, cli, text_file, tmp_path):
+    from peftlab import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=2", "--steps", 1, "--seq-len", 32,
+                       "--dtype", "bf16", "-o", tmp_path / "run")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "no native bf16" in line]
+    assert len(notes) == 1 and "--dtype auto" in notes[0]

@@ -201,7 +201,7 @@ def test_smollm2_count_and_pefts_logits(tmp_path):
     need_assets("smollm2-135m")
     loaded = load_model("smollm2-135m")
     base = copy.deepcopy(loaded.model)
-    D, L, KV, FF = 576, 30, 192, 1536  # hidden, layers, k/v width, MLP width
+    L, KV, FF = 30, 192, 1536  # layers, k/v width, MLP width (hidden 576)
     prepared = prepare(loaded.model, "ia3")
     assert n_trainable(loaded.model) == L * (KV + KV + FF) == 57_600  # k, v outputs; down_proj input
     perturb(loaded.model, 0.1)

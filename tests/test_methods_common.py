@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import ARCHS, perturb, sample_ids
+from method_checks import checkpointing_keeps_gradients
 from peftlab import TrainConfig, load_blocks, load_model, prepare, train
 from peftlab.generate import generate
 from peftlab.methods import trainable_parameters
-from peftlab.runtime import enable_checkpointing
 
 SPECS = [
     "full", "freeze:train=mlp+norm", "freeze-attention", "targeted-qkv:from_layer=1", "bitfit:norms=true",
@@ -71,20 +71,7 @@ def test_greedy_generation_is_deterministic_and_uses_the_cache_correctly(arch, s
 @pytest.mark.parametrize("spec", ["full", "lora:r=4", "dora:r=4", "adapter:r=8", "prefix:tokens=4", "prompt:tokens=4", "freeze-attention",
                                   "bitfit:norms=true"])
 def test_gradient_checkpointing_gives_the_same_gradients(arch, spec):
-    grads = []
-    for checkpointing in (False, True):
-        loaded = load_model(arch)
-        prepare(loaded.model, spec, loaded.tokenizer)
-        perturb(loaded.model)
-        if checkpointing:
-            enable_checkpointing(loaded.model)
-        loaded.model.train()
-        ids = sample_ids(loaded)
-        loaded.model(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in loaded.model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:  # same gradients up to float reassociation in the recomputed forward
-        assert (grads[0][n] - grads[1][n]).norm() <= 1e-4 * grads[0][n].norm() + 1e-7, n
+    checkpointing_keeps_gradients(arch, spec)
 
 
 @pytest.mark.parametrize("spec", ["lora:r=4", "dora:r=4", "adapter:r=8", "lora:r=4,targets=all-linear,rslora=true"])

@@ -19,7 +19,7 @@ def test_smollm2_freeze_mlp_norm_lowers_held_out_loss_on_moby_dick(cli, tmp_path
     need_assets("smollm2-135m", "moby-dick")
     out = tmp_path / "run"
     code, _, err = cli("train", "-m", "smollm2-135m", "-d", "moby-dick", "-s", "freeze:train=mlp+norm", "--steps", 20,
-                       "--seq-len", 128, "--batch-size", 4, "--lr", 5e-5, "--dtype", "bf16", "--eval-every", 20,
+                       "--seq-len", 128, "--batch-size", 4, "--lr", 5e-5, "--dtype", "auto", "--eval-every", 20,
                        "--out", out, "--quiet")
     assert code == 0, err
     records = read_metrics(out)

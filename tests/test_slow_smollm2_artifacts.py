@@ -19,7 +19,7 @@ def test_train_save_peft_load_merge_plain_transformers(cli, tmp_path):
 
     run = tmp_path / "run"
     code, out, err = cli("train", "-m", "smollm2-135m", "-d", "moby-dick", "-s", "lora:r=8,targets=q_proj+v_proj",
-                         "--steps", 5, "--seq-len", 64, "--batch-size", 2, "--lr", 1e-3, "--dtype", "bf16", "-o", run, "--quiet")
+                         "--steps", 5, "--seq-len", 64, "--batch-size", 2, "--lr", 1e-3, "--dtype", "auto", "-o", run, "--quiet")
     assert code == 0, err
     assert (run / "adapter" / "adapter_config.json").exists()
     assert "MB; the full model is 538.1 MB" in out

@@ -214,8 +214,8 @@ def generate(
 
     o.positive(max_new_tokens=max_new_tokens)
     o.at_least_zero(temperature=temperature)
-    compute = runtime.check_dtype(dtype)
     where = runtime.pick_device(device)
+    compute = runtime.check_dtype(dtype, where)
     for a in adapter or []:
         artifacts.kind(a)
 
@@ -386,8 +386,8 @@ def merge(
     from .files import atomic_dir
     from .merge import merge_and_unload
 
-    written = runtime.check_dtype(dtype)
     where = runtime.pick_device(device)
+    written = runtime.check_dtype(dtype, where)
     o.out_folder(out_dir)
     artifacts.kind(adapter)
     loaded = models.load(model)

@@ -11,7 +11,7 @@ import torch
 
 from .errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": None}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -25,10 +25,37 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_dtype(name: str) -> torch.dtype:
+def check_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """fp32 | bf16 | auto: bf16 where `device` (default: the auto device) computes it natively,
+    else fp32."""
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device or pick_device("auto")) else torch.float32
     return DTYPES[name]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` multiply bf16 matrices natively? A CPU needs AVX-512 BF16 or AMX; without
+    them (AVX2-only x86) torch emulates bf16 GEMMs, on the order of 100× slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return True  # not Linux: unknown, assume it does
+    if not flags:
+        return platform.machine() in ("arm64", "aarch64")  # Apple silicon / Arm: bf16 dot products
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """One line for a user who asked for bf16 where it is emulated, else None."""
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        return (f"note: this {device.type.upper()} has no native bf16 (AVX-512 BF16 / AMX), so bf16 runs far slower "
+                "than fp32 here; --dtype auto picks the faster one")
+    return None
 
 
 def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:

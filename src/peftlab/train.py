@@ -14,6 +14,7 @@ Under torchrun the same loop trains data-parallel (distributed.py).
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,7 +112,10 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     """
     out = Path(out) if out is not None else None
     device = distributed.init(runtime.pick_device(cfg.device))
-    dtype = runtime.check_dtype(cfg.dtype)
+    dtype = runtime.check_dtype(cfg.dtype, device)
+    note = runtime.bf16_note(dtype, device)
+    if note and show and distributed.is_main():
+        print(note, file=sys.stderr, flush=True)
     distributed.check_batch(cfg.batch_size)
     if distributed.world_size() > 1 and prepared.unfreeze_at:
         raise UserError("gradual unfreezing (schedule) trains in one process only; drop --nproc / torchrun")

@@ -44,7 +44,8 @@ def optimizer_bytes(opt) -> int:
 
 def run(job: dict, folder: Path, show: bool = True) -> dict:
     cfg = TrainConfig(**{f.name: job["config"][f.name] for f in fields(TrainConfig) if f.name in job["config"]})
-    device, dtype = runtime.pick_device(cfg.device), runtime.check_dtype(cfg.dtype)
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.check_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     r = run_mod.load(job["model"], job["data"], cfg, show, **job.get("data_options", {}))
