@@ -39,11 +39,6 @@ def _effective(child, layer):
     return get
 
 
-def _label(places, name: str) -> tuple:
-    w = places.get(name)
-    return (w.layer if w else None), name
-
-
 class WeightTracker:
     """Call `step(optimizer)` after every optimizer step; read `steps` and `drift()`."""
 
