@@ -69,3 +69,29 @@ def test_a_second_compiled_run_in_one_process_sees_its_own_hooks(text_file):
     for a, b in zip(eager, fused):
         if "loss" in a:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5), a["step"]
+
+
+def test_compile_is_automatic_for_runs_long_enough_to_pay(monkeypatch):
+    """Without --compile/--no-compile, the blocks are compiled when the run's work is large
+    (and a compiler exists); the user's word always wins."""
+    model = models.load("tiny-llama").model
+    cpu = torch.device("cpu")
+    n = sum(p.numel() for p in model.parameters())
+    short, long = 1000, int(runtime.AUTO_COMPILE_FLOPS / (6 * n)) + 1
+    assert runtime.compile_plan(None, cpu, model, short) == (False, None)
+    on, why = runtime.compile_plan(None, cpu, model, long)
+    assert on and "--no-compile" in why
+    assert runtime.compile_plan(False, cpu, model, long) == (False, None)
+    assert runtime.compile_plan(True, cpu, model, short) == (True, None)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    on, why = runtime.compile_plan(None, cpu, model, long)
+    assert not on and "no C++ compiler" in why
+
+
+def test_cli_no_compile(cli, text_file, tmp_path):
+    import json
+
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--steps", "2",
+                       "--seq-len", "32", "--batch-size", "2", "--no-compile", "--quiet", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["compile"] is False

@@ -85,7 +85,8 @@ def train(
     skip_nonfinite: bool = typer.Option(False, "--skip-nonfinite", help="skip a step whose loss or gradient is NaN/Inf instead of stopping"),
     nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
-    grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE, report_to: str = o.REPORT_TO,
+    grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE, base_precision: str = o.BASE_PRECISION,
+    report_to: str = o.REPORT_TO,
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
@@ -100,6 +101,7 @@ def train(
                keep_checkpoints=keep_checkpoints, nproc=nproc)
     o.at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
     o.out_folder(out_dir)
+    o.check_base_precision(base_precision)
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     methods.parse_strategy(strategy)
@@ -125,7 +127,8 @@ def train(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                      skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile)
+                      skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile,
+                      base_precision=base_precision)
     main_process = distributed.is_main()
     show = not quiet and main_process
     # Everything that can fail on user input happens before the first byte is written.
@@ -246,8 +249,8 @@ def compare(
     text_column: Optional[str] = o.TEXT_COLUMN, system: Optional[str] = o.SYSTEM,
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
-    eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: bool = o.COMPILE,
-    report_to: str = o.REPORT_TO,
+    eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE,
+    base_precision: str = o.BASE_PRECISION, report_to: str = o.REPORT_TO,
     forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
@@ -262,6 +265,7 @@ def compare(
                gen_tokens=gen_tokens)
     o.at_least_zero(eval_every=eval_every, warmup=warmup)
     o.out_folder(out_dir)
+    o.check_base_precision(base_precision)
     runtime.check_dtype(dtype)
     runtime.pick_device(device)
     report_to_mod.check(report_to)
@@ -269,7 +273,7 @@ def compare(
     data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
                       grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
-                      compile=compile)
+                      compile=compile, base_precision=base_precision)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                           samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
                           data_options={"text_column": text_column, "system": system}, report_to=report_to)

@@ -24,4 +24,12 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
-    compile: bool = False  # torch.compile each decoder block and the loss (first step slower)
+    base_precision: str = "float"  # float: frozen weights in `dtype`; int8: frozen linear layers in int8 (int8.py)
+    compile: bool | None = None  # torch.compile each decoder block and the loss; None: when the run is long enough to pay
+
+
+def check_base_precision(name: str) -> None:
+    from .errors import UserError
+
+    if name not in ("float", "int8"):
+        raise UserError(f"--base-precision must be float or int8, got '{name}'")

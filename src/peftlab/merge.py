@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .int8 import is_int8, to_float
 from .methods.attach import attached, detach
 
 
@@ -25,7 +26,7 @@ def _check_finite(host_name, name, child) -> None:
 
 
 def _is_quantized(layer) -> bool:
-    return type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
+    return is_int8(layer) or type(layer).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 def _dequantized(layer) -> nn.Linear:
@@ -89,6 +90,9 @@ def merge_and_unload(model, dequantize: bool = False):
             if not dequantize:
                 raise UserError(f"{host_name} is stored quantized; merging would de-quantize it (pass dequantize=True / --dequantize)")
             warnings.warn(f"de-quantizing {host_name} to fp32 to merge the adapter into it", stacklevel=2)
+            if is_int8(layer):  # in place: the added modules stay where they are
+                to_float(layer)
+                continue
             plain = _dequantized(layer)
             for key, children in list(layer._modules.items()):
                 if children is slot:  # the added modules move along, to be merged into the plain layer

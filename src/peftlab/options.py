@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from .errors import UserError, close_matches
-from .config import TrainConfig
+from .config import TrainConfig, check_base_precision  # noqa: F401  (the command line's checks live here)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,7 +40,12 @@ EVAL_EVERY = typer.Option(D.eval_every, "--eval-every", help="held-out loss ever
 CHECKPOINT_EVERY = typer.Option(D.checkpoint_every, "--checkpoint-every",
                                 help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)")
 GRAD_CHECKPOINT = typer.Option(D.grad_checkpoint, "--grad-checkpoint", help="recompute activations in backward: less memory, more time")
-COMPILE = typer.Option(D.compile, "--compile", help="torch.compile the decoder blocks: faster, leaner steps after a slow first one")
+BASE_PRECISION = typer.Option(D.base_precision, "--base-precision",
+                              help="float | int8: keep the frozen linear layers in --dtype, or in int8 (per-channel scales; "
+                                   "int8 GEMMs with per-token scales; half the base memory)")
+COMPILE = typer.Option(D.compile, "--compile/--no-compile",
+                       help="torch.compile the decoder blocks: faster, leaner steps after a slow first one "
+                            "(default: compile when the run is long enough to pay and a C++ compiler is present)")
 REPORT_TO = typer.Option("none", "--report-to", help="none | tensorboard: also log every step to TensorBoard (in the output folder)")
 QUIET = typer.Option(False, "--quiet", help="no progress output")
 CONFIG = typer.Option(None, "--config", help="a TOML file holding any of this command's options (flags given here win)")

@@ -5,6 +5,7 @@ from collections import defaultdict
 import torch
 
 from .components import where
+from .int8 import int8_bytes, is_int8
 
 ORDER = ("embed", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp", "norm", "lm_head", "added", "other")
 
@@ -39,6 +40,9 @@ def storage_bytes(model) -> int:
         state = getattr(getattr(m, "weight", None), "quant_state", None)
         if state is not None and getattr(state, "absmax", None) is not None:
             total += state.absmax.numel() * state.absmax.element_size()
+        if is_int8(m):
+            total += int8_bytes(m)
+            continue
         scb = getattr(getattr(m, "weight", None), "SCB", None)
         if isinstance(scb, torch.Tensor):
             total += scb.numel() * scb.element_size()

@@ -159,6 +159,32 @@ def enable_checkpointing(model) -> None:
             m.gradient_checkpointing = False
 
 
+AUTO_COMPILE_FLOPS = 6e13  # ~1-2 min of compiling pays off for runs this long (≈ 70 steps of 4 × 256 on SmolLM2)
+
+
+def has_compiler(device: torch.device) -> bool:
+    """torch inductor builds C++ kernels on the CPU (and Triton ones on CUDA)."""
+    if device.type == "cuda":
+        return True
+    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
+
+
+def compile_plan(requested: bool | None, device: torch.device, model, tokens: int) -> tuple[bool, str | None]:
+    """Compile the blocks? `requested` True/False is the user's word (--compile / --no-compile);
+    None decides: yes when a compiler is present and the run's training work (≈ 6 FLOPs per
+    parameter per token over `tokens`) is large enough for the compile time to pay off.
+    Returns the choice and the line that says so (None when there is nothing to say)."""
+    if requested is not None:
+        return requested, None
+    work = 6 * sum(p.numel() for p in model.parameters()) * tokens
+    if work < AUTO_COMPILE_FLOPS:
+        return False, None
+    if not has_compiler(device):
+        return False, "note: a long run, but no C++ compiler to compile it with (install g++); running eager"
+    return True, (f"compiling the decoder blocks: this run is long enough for it to pay (~{work / 1e12:,.0f} TFLOP); "
+                  "the first step is slower; --no-compile to skip")
+
+
 def compile_blocks(model):
     """torch.compile each decoder block in place (its hooks, so every method's modules, included).
 
@@ -171,7 +197,7 @@ def compile_blocks(model):
     from .components import arch_of
 
     device = next(model.parameters()).device
-    if device.type == "cpu" and not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++")):
+    if not has_compiler(device):
         raise UserError("--compile needs a C++ compiler on the CPU (torch inductor builds kernels); install g++ or drop --compile")
     blocks = list(model.get_submodule(arch_of(model).layers))
     # Graphs compiled earlier in this process (another model, other adapters) would be reused:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, distributed, runtime
-from .config import TrainConfig
+from .config import TrainConfig, check_base_precision
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
 from .loss import IGNORE, causal_lm_loss_sum
@@ -97,6 +97,7 @@ def run_identity(model, blocks, prepared, cfg: TrainConfig, extra: dict | None =
     base = hashlib.sha256(json.dumps(fingerprint(model, set())).encode()).hexdigest()[:16]
     return (extra or {}) | {"strategy": prepared.spec, "batch_size": cfg.batch_size, "seq_len": int(blocks.train_ids.shape[1]),
                             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "dtype": cfg.dtype,
+                            "base_precision": cfg.base_precision,
                             "data_digest": data, "base_digest": base}
 
 
@@ -117,6 +118,9 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     if note and show and distributed.is_main():
         print(note, file=sys.stderr, flush=True)
     distributed.check_batch(cfg.batch_size)
+    check_base_precision(cfg.base_precision)
+    if cfg.base_precision == "int8" and cfg.fsdp:
+        raise UserError("--base-precision int8 keeps the frozen base in buffers, which FSDP does not shard; use DDP (drop --fsdp)")
     if distributed.world_size() > 1 and prepared.unfreeze_at:
         raise UserError("gradual unfreezing (schedule) trains in one process only; drop --nproc / torchrun")
     torch.manual_seed(cfg.seed)
@@ -135,12 +139,23 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         checkpoint.clear(out)  # a fresh run: checkpoints of an earlier run in `out` must not be resumed later
     first = state["step"] + 1 if state else 1
     model.to(device)
+    if cfg.base_precision == "int8":
+        from . import int8
+
+        int8.quantize_frozen(model, device)  # from the fp32 weights, before they are stored in `dtype`
+        note = int8.int8_note(device)
+        if note and show and distributed.is_main():
+            print(note, file=sys.stderr, flush=True)
     runtime.store_frozen(model, dtype)
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
-    uncompile = runtime.compile_blocks(model) if cfg.compile else None
+    tokens = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
+    compiled, why = runtime.compile_plan(cfg.compile, device, model, tokens)
+    if why and show and distributed.is_main():
+        print(why, file=sys.stderr, flush=True)
+    uncompile = runtime.compile_blocks(model) if compiled else None
     model.train()
-    loss_module = LossModule(model, cfg.chunked_loss, cfg.compile)
+    loss_module = LossModule(model, cfg.chunked_loss, compiled)
     from .components import arch_of
 
     runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)

@@ -1,0 +1,157 @@
+"""The frozen base in int8 (`--base-precision int8`): frozen linear weights stored as int8 with
+one scale per output channel, multiplied in int8 with a dynamic scale per token.
+
+    W (out, in)  ≈  Wq · diag(sw)           Wq int8, sw (out,) = max|W[o, :]| / 127
+    x (M, in)    ≈  diag(sx) · xq           xq int8, sx (M,)  = max|x[m, :]| / 127   (per call)
+
+    forward   y  = x · Wᵀ   ≈ diag(sx) · (xq · Wqᵀ) · diag(sw)           int8 × int8 → int32
+    backward  dx = dy · W   = (dy · diag(sw)) · Wq                         contracts over `out`
+
+The input gradient contracts over the output channels, the axis that carries W's scales, so
+they cannot be pulled out after the product: they are folded into dy first, and the scaled
+gradient g = dy · diag(sw) is quantized per token like x (g ≈ diag(sg) · gq, dx ≈ diag(sg) ·
+(gq · Wq)). No weight gradient is needed (the base is frozen), so neither x nor anything
+float is kept for backward: only the int8 weight the layer already holds.
+
+Trainable parameters, their gradients, norms, attention and the loss keep their own precision.
+
+Two kernels, same numbers: `torch._int_mm` where the device multiplies int8 natively (CUDA;
+CPUs with AVX-512 VNNI or AMX); elsewhere (AVX2-only x86: `_int_mm` runs ~40× slower than
+fp32 there) an fp32 GEMM of the same integer-valued operands, exact up to fp32 rounding of
+the int32 sums. There the int8 base saves memory, not time.
+
+A layer becomes int8 in place (`to_int8`): the module object keeps its identity, so the
+modules and hooks a strategy attached to it stay. Its `weight` reads back dequantized (fp32),
+which is what DoRA's norm, tracking and merging need.
+"""
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+KERNELS = ("int_mm", "float")
+
+
+def native_int8(device: torch.device) -> bool:
+    """Does `device` multiply int8 matrices natively (CUDA; AVX-512 VNNI or AMX on a CPU)?"""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "amx_int8" in flags
+
+
+def int8_note(device: torch.device) -> str | None:
+    if native_int8(device):
+        return None
+    return (f"note: this {device.type.upper()} has no int8 dot-product instructions (AVX-512 VNNI / AMX), so the int8 "
+            "base multiplies its int8 values as fp32 here: same numbers, half the base memory, no speed-up")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: x (M, K) -> (xq int8 (M, K), scale fp32 (M, 1)), x ≈ scale · xq."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
+    """a (M, K) int8 · b (K, N) int8 -> (M, N) fp32, the exact int32 products' sums."""
+    if kernel == "int_mm" and (a.device.type != "cuda" or a.shape[0] > 16):  # cuBLASLt wants M > 16
+        return torch._int_mm(a, b).float()
+    return a.float() @ b.float()
+
+
+class Int8MatMul(torch.autograd.Function):
+    """y = x · (Wq · diag(sw))ᵀ with x quantized per token; backward gives dx only."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, wscale, kernel):
+        # x (..., in) · qweight (out, in) int8 · wscale (out,) fp32 -> (..., out) in x's dtype
+        ctx.save_for_backward(qweight, wscale)
+        ctx.kernel, ctx.dtype = kernel, x.dtype
+        xq, sx = quantize_rows(x.reshape(-1, x.shape[-1]))
+        y = _mm(xq, qweight.t(), kernel) * sx * wscale
+        return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        qweight, wscale = ctx.saved_tensors
+        g = dy.reshape(-1, dy.shape[-1]).float() * wscale  # fold W's per-output scales into dy
+        gq, sg = quantize_rows(g)
+        dx = _mm(gq, qweight, ctx.kernel) * sg  # (M, out) · (out, in)
+        return dx.to(ctx.dtype).reshape(*dy.shape[:-1], qweight.shape[1]), None, None, None
+
+
+class Int8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight lives in the buffers `qweight` (out, in) int8 and
+    `wscale` (out,) fp32. Made from an nn.Linear in place by `to_int8`, never constructed."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) fp32 weight: a fresh tensor, so writing into it changes nothing."""
+        return self.qweight.float() * self.wscale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # like nn.Linear under autocast: compute dtype out
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = Int8MatMul.apply(x, self.qweight, self.wscale, self.kernel)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", int8 ({self.kernel})"
+
+
+def to_int8(linear: nn.Linear, kernel: str) -> Int8Linear:
+    """Turn a frozen nn.Linear into an Int8Linear in place (same object) and return it."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}")
+    if linear.weight.requires_grad:
+        raise UserError("only frozen linear layers can be stored in int8; a trained weight keeps its precision")
+    w = linear.weight.detach().float()
+    wscale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+    qweight = torch.round(w / wscale[:, None]).clamp_(-127, 127).to(torch.int8)
+    del linear.weight
+    linear.__class__ = Int8Linear
+    linear.register_buffer("qweight", qweight)
+    linear.register_buffer("wscale", wscale)
+    linear.kernel = kernel
+    return linear
+
+
+def to_float(linear: Int8Linear) -> nn.Linear:
+    """Undo `to_int8` in place: a plain nn.Linear holding the dequantized fp32 weight (frozen)."""
+    w = linear.weight
+    del linear.qweight, linear.wscale, linear.kernel
+    linear.__class__ = nn.Linear
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    return linear
+
+
+def is_int8(module: nn.Module) -> bool:
+    return isinstance(module, Int8Linear)
+
+
+def quantize_frozen(model: nn.Module, device: torch.device) -> int:
+    """Store every frozen nn.Linear inside the decoder blocks in int8; returns how many.
+
+    Trained linear layers (full and freeze strategies), GPT-2's Conv1D layers and everything
+    outside the blocks (embeddings, the output layer) keep their precision."""
+    from .methods.targets import linear_layers
+
+    kernel = "int_mm" if native_int8(device) else "float"
+    n = 0
+    for layer in linear_layers(model).values():
+        if type(layer) is nn.Linear and not layer.weight.requires_grad:
+            to_int8(layer, kernel)
+            n += 1
+    return n
+
+
+def int8_bytes(model: nn.Module) -> int:
+    """Bytes the int8 layers' weights and scales occupy."""
+    return sum(m.qweight.numel() + 4 * m.wscale.numel() for m in model.modules() if is_int8(m))

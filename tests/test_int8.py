@@ -1,0 +1,158 @@
+"""--base-precision int8: frozen linear layers stored int8, forward and input-gradient GEMMs in
+int8 with per-token scales; trainable parts untouched; compile, merge, resume identity."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peftlab import data, int8, models, params
+from peftlab.errors import UserError
+from peftlab.merge import merge, merge_and_unload
+from peftlab.methods import prepare, trainable_parameters
+from peftlab.train import TrainConfig, train
+
+from conftest import perturb, sample_ids
+
+
+def _linear(bias=False):
+    torch.manual_seed(0)
+    return nn.Linear(64, 48, bias=bias).requires_grad_(False)
+
+
+@pytest.mark.parametrize("kernel", int8.KERNELS)
+def test_forward_and_input_gradient_are_close_to_fp32(kernel):
+    layer = _linear(bias=True)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    want = layer(x)
+    g = torch.randn_like(want)
+    (want * g).sum().backward()
+    want_dx, x.grad = x.grad.clone(), None
+    int8.to_int8(layer, kernel)
+    got = layer(x)
+    (got * g).sum().backward()
+    rel = lambda a, b: float((a - b).detach().norm() / b.norm())  # noqa: E731
+    assert rel(got, want) < 0.02 and rel(x.grad, want_dx) < 0.02
+    assert got.shape == want.shape and x.grad.shape == x.shape
+
+
+def test_the_input_gradient_folds_the_weight_scales_into_dy():
+    """dx contracts over the output channels, which carry W's scales: dx must equal the
+    quantized product of (dy · diag(sw)) with the int8 weight, exactly."""
+    layer = int8.to_int8(_linear(), "float")
+    x = torch.randn(4, 64, requires_grad=True)
+    dy = torch.randn(4, 48)
+    layer(x).backward(dy)
+    gq, sg = int8.quantize_rows(dy * layer.wscale)
+    torch.testing.assert_close(x.grad, (gq.float() @ layer.qweight.float()) * sg, rtol=1e-6, atol=1e-6)
+
+
+def test_the_two_kernels_give_the_same_numbers():
+    x = torch.randn(32, 64)
+    a = int8.to_int8(_linear(), "float")(x)
+    b = int8.to_int8(_linear(), "int_mm")(x)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_weight_reads_back_dequantized_and_round_trips_to_a_plain_linear():
+    layer = _linear()
+    w = layer.weight.detach().clone()
+    int8.to_int8(layer, "float")
+    assert "weight" not in dict(layer.named_parameters()) and layer.qweight.dtype == torch.int8
+    assert (layer.weight - w).abs().max() <= layer.wscale.max() / 2 + 1e-7  # half a step at most
+    int8.to_float(layer)
+    assert type(layer) is nn.Linear and not layer.weight.requires_grad
+    with pytest.raises(UserError, match="frozen"):
+        int8.to_int8(nn.Linear(4, 4), "float")
+
+
+def _train(spec, text_file, precision, steps=4, **extra):
+    loaded = models.load("tiny-llama", seed=0)
+    perturb(loaded.model)
+    blocks = data.load_blocks(loaded, str(text_file), 32)
+    prepared = prepare(loaded.model, spec, loaded.tokenizer)
+    cfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_every=steps, device="cpu",
+                      base_precision=precision, **extra)
+    return loaded, train(loaded.model, blocks, prepared, cfg, show=False)
+
+
+@pytest.mark.parametrize("spec", ["lora:r=4,targets=all-linear", "dora:r=4", "adapter:r=4", "prefix:tokens=4",
+                                  "bitfit:norms=true", "freeze-attention"])
+def test_int8_base_trains_like_the_float_base(spec, text_file):
+    float_model, want = _train(spec, text_file, "float")
+    int8_model, got = _train(spec, text_file, "int8")
+    for a, b in zip(want, got):
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=0.02), (spec, key, a["step"])
+    layers = [m for m in int8_model.model.modules() if isinstance(m, nn.Linear)]
+    quantized = [m for m in layers if int8.is_int8(m)]
+    assert quantized, spec
+    for m in layers:  # a trained linear keeps its precision; a frozen one inside the blocks is int8
+        if "weight" in m._parameters:
+            assert m.weight.requires_grad or m is int8_model.model.lm_head, spec
+    assert set(trainable_parameters(int8_model.model)) == set(trainable_parameters(float_model.model))
+
+
+def test_int8_base_halves_the_frozen_linear_bytes(text_file):
+    loaded, _ = _train("lora:r=4", text_file, "float", steps=1, dtype="bf16")
+    bf16_bytes = params.storage_bytes(loaded.model)
+    loaded8, _ = _train("lora:r=4", text_file, "int8", steps=1, dtype="bf16")
+    layers = [m for m in loaded8.model.modules() if int8.is_int8(m)]
+    weights, scales = sum(m.qweight.numel() for m in layers), sum(m.wscale.numel() for m in layers)
+    assert bf16_bytes - params.storage_bytes(loaded8.model) == weights - 4 * scales  # 2 → 1 byte each, plus fp32 scales
+
+
+def test_int8_base_compiles_to_the_same_losses(text_file):
+    _, eager = _train("lora:r=4,targets=all-linear", text_file, "int8", compile=False)
+    _, fused = _train("lora:r=4,targets=all-linear", text_file, "int8", compile=True)
+    for a, b in zip(eager, fused):
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3), (key, a["step"])
+
+
+def test_merging_into_an_int8_base_dequantizes(text_file):
+    import copy
+
+    loaded, _ = _train("lora:r=4,targets=all-linear", text_file, "int8", steps=2)
+    model = loaded.model
+    ids = sample_ids(loaded)
+    with pytest.raises(UserError, match="quantized"):
+        merge(model)
+    unmerged = copy.deepcopy(model)  # the same dequantized base, the adapter kept apart
+    for m in list(unmerged.modules()):
+        if int8.is_int8(m):
+            int8.to_float(m)
+    with pytest.warns(UserWarning, match="de-quantizing"):
+        merge_and_unload(model, dequantize=True)
+    assert not any(int8.is_int8(m) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_base_precision(cli, text_file, tmp_path):
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--steps", "2", "--seq-len", "32",
+                       "--batch-size", "2", "--base-precision", "int8", "--quiet", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["base_precision"] == "int8"
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--base-precision", "int4",
+                       "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--base-precision must be float or int8" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_refuses_another_base_precision(cli, text_file, tmp_path):
+    from peftlab import checkpoint
+
+    loaded = models.load("tiny-llama", seed=0)
+    blocks = data.load_blocks(loaded, str(text_file), 32)
+    prepared = prepare(loaded.model, "lora:r=4", loaded.tokenizer)
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=-1, device="cpu", checkpoint_every=1, base_precision="int8")
+    train(loaded.model, blocks, prepared, cfg, out=tmp_path, show=False)
+    state = checkpoint.read(checkpoint.folder_of(tmp_path, 1))[0]
+    assert state["identity"]["base_precision"] == "int8"
+    with pytest.raises(UserError, match="--base-precision int8"):
+        checkpoint.check_identity(state["identity"], state["identity"] | {"base_precision": "float"}, tmp_path)
