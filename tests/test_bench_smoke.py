@@ -2,27 +2,33 @@
 
 import json
 
-from peftlab.bench import CONFIGS, markdown, run_bench
+from peftlab.bench import CONFIGS, markdown, ours, run_bench
 
 
 def test_bench_smoke(text_file, tmp_path):
-    configs = ["lora-r8-qv", "bitfit-norms"]
-    result = run_bench("tiny-llama", str(text_file), configs, ("bf16",), steps=2, warmup=1, repeats=1, batch_size=2,
+    """Every setting of both sides runs; each side is ranked by its fastest; the eager ratio and
+    the held-out loss of every setting are reported."""
+    result = run_bench("tiny-llama", str(text_file), ["lora-r8-qv"], ("fp32",), steps=2, warmup=2, repeats=1, batch_size=2,
                        seq_len=32, log=lambda *a: None)
-    assert len(result["runs"]) == 2 * 4  # per config: ours as is and compiled; peft with bf16 autocast, or the model in bf16
-    rows = {(r["config"], r["precision"]): r for r in result["rows"]}
-    assert set(rows) == {(c, "bf16") for c in configs}
-    for r in rows.values():
-        assert r["peftlab_tok_s"] > 0 and r["peft_tok_s"] > 0 and r["speed_ratio"] > 0 and r["memory_ratio"] > 0
-        assert 0 < r["peftlab_pct_ceiling"] and r["ceiling_tok_s"] > 0
-        assert set(r["all_peftlab_tok_s"]) == {"eager", "compile"} and r["peftlab_mode"] in r["all_peftlab_tok_s"]
+    assert len(result["runs"]) == 3 + 2  # ours eager, compiled, compiled int8; peft fp32, and fp32 under torch.compile
+    assert {r["mode"] for r in result["runs"] if r["impl"] == "peft"} == {"fp32", "fp32+compile"}
+    (row,) = result["rows"]
+    assert (row["config"], row["precision"]) == ("lora-r8-qv", "fp32")
+    assert row["peftlab_tok_s"] > 0 and row["peft_tok_s"] > 0 and row["speed_ratio"] > 0 and row["memory_ratio"] > 0
+    assert row["eager_speed_ratio"] > 0 and 0 < row["peftlab_pct_ceiling"] and row["ceiling_tok_s"] > 0
+    assert set(row["settings"]["peftlab"]) == {"eager", "compile", "int8"}
+    fastest = max(row["settings"]["peft"].items(), key=lambda kv: kv[1]["tokens_per_s"])[0]
+    assert row["peft_mode"] == fastest  # ranked by its best setting, compiled ones included
+    losses = [v["eval_loss"] for side in row["settings"].values() for v in side.values()]
+    assert all(2 < x < 20 for x in losses) and max(losses) - min(losses) < 0.1  # same start, same steps, near-equal
     same = {(r["config"], r["impl"]): r["trainable"] for r in result["runs"]}
-    for c in configs:
-        assert same[(c, "peftlab")] == same[(c, "peft")]  # both sides train the same parameters
+    assert same[("lora-r8-qv", "peftlab")] == same[("lora-r8-qv", "peft")]  # both sides train the same parameters
     text = markdown(result)
-    assert "| lora-r8-qv | bf16 |" in text and "GFLOP/s" in text and "| lora-r8-qv | bf16 | peftlab compile |" in text
+    assert "| lora-r8-qv | fp32 | peftlab int8 |" in text and "| lora-r8-qv | fp32 | peft fp32+compile |" in text
+    assert "GFLOP/s" in text and "eager ratio" in text
     json.dumps(result)
     assert set(CONFIGS) >= {"lora-r8-qv", "lora-r16-all", "dora-r8-qv", "prompt-20", "bitfit-norms", "freeze-attention", "full"}
+    assert ours("full") == ["eager", "compile"]  # nothing frozen is a linear layer
 
 
 def test_bench_cli_errors(cli):

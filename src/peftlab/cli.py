@@ -287,7 +287,7 @@ def bench(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=o.MODEL.help),
     data: str = typer.Option("moby-dick", "--data", "-d", help=o.DATA.help),
     case: Optional[List[str]] = typer.Option(None, "--case", help="benchmark cases to run, repeatable (default: all)"),
-    dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="fp32 and/or bf16, repeatable (default: both)"),
+    dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="fp32 and/or bf16, repeatable (default: fp32, and bf16 where the CPU computes it natively)"),
     steps: int = typer.Option(5, "--steps", help="timed optimizer steps per run"),
     warmup_steps: int = typer.Option(2, "--warmup-steps", help="untimed optimizer steps before them"),
     repeats: int = typer.Option(2, "--repeats", help="alternating rounds"), batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN,
@@ -309,7 +309,15 @@ def bench(
     from . import data as data_mod, models
 
     data_mod.load_blocks(models.load(model), data, seq_len)  # fail fast on a missing asset
-    result = run_bench(model, data, case, tuple(dtype or ("fp32", "bf16")), steps, warmup_steps, repeats, batch_size,
+    import torch
+
+    from . import runtime
+
+    if not dtype:
+        dtype = ["fp32", "bf16"] if runtime.native_bf16(torch.device("cpu")) else ["fp32"]
+        if len(dtype) == 1:
+            out.print("bf16 is emulated on this CPU (no AVX-512 BF16 / AMX): benchmarking fp32 only (--dtype bf16 forces it)")
+    result = run_bench(model, data, case, tuple(dtype), steps, warmup_steps, repeats, batch_size,
                        seq_len, log=out.print)
     result["inference"] = inference_latency(model, seq_len)
     print(markdown(result))

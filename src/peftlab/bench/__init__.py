@@ -1,8 +1,11 @@
 """`peftlab bench`: peftlab against HF peft + transformers, same model, batches and config.
 
-Each (configuration, implementation, precision) runs in its own process, alternating peftlab
-and the reference over `repeats` rounds; the table shows medians, ratios peftlab / peft, and
-every figure as a share of the machine's measured ceiling.
+Each (configuration, implementation, setting) runs in its own process, alternating peftlab
+and the reference over `repeats` rounds. Each side is ranked by its fastest setting: the
+reference may pick fp32, bf16 autocast or a bf16 model, each also under `torch.compile`;
+peftlab may pick eager, compiled, or compiled over an int8 frozen base. The table shows
+medians, ratios peftlab / peft (best vs best, and eager vs eager), each figure's share of the
+machine's measured ceiling, and the held-out loss each setting reached after the same steps.
 """
 
 import json
@@ -16,10 +19,21 @@ from pathlib import Path
 import torch
 
 from ..files import write_text
-from .configs import CONFIGS  # noqa: F401  (re-exported)
+from .configs import CONFIGS
 
-MODES = {"fp32": ["fp32"], "bf16": ["autocast", "bf16-model"]}  # the reference's candidate settings per precision
-OURS = ["eager", "compile"]  # peftlab's settings: as is, and with --compile
+_PLAIN = {"fp32": ["fp32"], "bf16": ["autocast", "bf16-model"]}
+MODES = {p: m + [x + "+compile" for x in m] for p, m in _PLAIN.items()}  # the reference's settings per precision
+OURS = ["eager", "compile", "int8"]  # peftlab's: as is, --compile, --compile --base-precision int8
+
+
+def ours(config: str) -> list[str]:
+    """peftlab's settings for a config: int8 only where something frozen is a linear layer."""
+    return OURS if CONFIGS[config][0] != "full" else OURS[:2]
+
+
+def eager(mode: str) -> bool:
+    """An uncompiled setting (peftlab's `eager`, or one of the reference's plain ones)."""
+    return mode == "eager" or any(mode in m for m in _PLAIN.values())
 
 
 def _run(job: dict) -> dict:
@@ -46,7 +60,7 @@ def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None
     for rnd in range(repeats):
         for name in configs:
             for precision in precisions:
-                jobs = [{"impl": "peftlab", "mode": m} for m in OURS] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
+                jobs = [{"impl": "peftlab", "mode": m} for m in ours(name)] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
                 if rnd % 2:
                     jobs.reverse()  # alternate who goes first
                 for j in jobs:
@@ -64,35 +78,37 @@ def machine() -> dict:
 
 
 def summarize(runs: list, ceil: dict) -> list[dict]:
-    """Medians over rounds; for each side, its fastest setting per precision."""
+    """Medians over rounds; for each side, its fastest setting per precision (and its fastest eager one)."""
     groups = {}
     for r in runs:
         groups.setdefault((r["config"], r["precision"], r["impl"], r["mode"]), []).append(r)
+    keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token", "eval_loss")
     rows = []
     for name in dict.fromkeys(r["config"] for r in runs):
         for precision in dict.fromkeys(r["precision"] for r in runs):
-            def med(impl, mode, key):
-                rs = groups.get((name, precision, impl, mode), [])
-                return statistics.median(x[key] for x in rs) if rs else None
+            def settings(impl):
+                found = {mode: rs for (c, p, i, mode), rs in groups.items() if (c, p, i) == (name, precision, impl)}
+                return {mode: {k: statistics.median(x[k] for x in rs) for k in keys} for mode, rs in found.items()}
 
-            keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token")
-            mine = {m: {k: med("peftlab", m, k) for k in keys} for m in OURS}
-            theirs = {m: {k: med("peft", m, k) for k in keys} for m in MODES[precision]}
-            our_mode = max(mine, key=lambda m: mine[m]["tokens_per_s"] or 0)
-            best_mode = max(theirs, key=lambda m: theirs[m]["tokens_per_s"] or 0)
-            ours, best = mine[our_mode], theirs[best_mode]
-            limit = ceil[precision] / ours["flops_per_token"]
+            mine, theirs = settings("peftlab"), settings("peft")
+            if not mine or not theirs:
+                continue
+            fastest = lambda table: max(table, key=lambda m: table[m]["tokens_per_s"])  # noqa: E731
+            our_mode, best_mode = fastest(mine), fastest(theirs)
+            our_eager = fastest({m: v for m, v in mine.items() if eager(m)})
+            their_eager = fastest({m: v for m, v in theirs.items() if eager(m)})
+            ours_, best = mine[our_mode], theirs[best_mode]
+            limit = ceil[precision] / ours_["flops_per_token"]
             rows.append({
-                "config": name, "precision": precision, "peftlab_mode": our_mode,
-                "all_peftlab_tok_s": {m: v["tokens_per_s"] for m, v in mine.items()},
-                "all_peftlab_peak_mb": {m: v["peak_rss_bytes"] / 1e6 for m, v in mine.items()},
-                "peftlab_tok_s": ours["tokens_per_s"], "peft_tok_s": best["tokens_per_s"], "peft_mode": best_mode,
-                "all_peft_tok_s": {m: v["tokens_per_s"] for m, v in theirs.items()},
-                "all_peft_peak_mb": {m: v["peak_rss_bytes"] / 1e6 for m, v in theirs.items()},
-                "speed_ratio": ours["tokens_per_s"] / best["tokens_per_s"],
-                "peftlab_peak_mb": ours["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
-                "memory_ratio": ours["peak_rss_bytes"] / best["peak_rss_bytes"],
-                "ceiling_tok_s": limit, "peftlab_pct_ceiling": 100 * ours["tokens_per_s"] / limit,
+                "config": name, "precision": precision, "peftlab_mode": our_mode, "peft_mode": best_mode,
+                "settings": {"peftlab": mine, "peft": theirs},
+                "peftlab_tok_s": ours_["tokens_per_s"], "peft_tok_s": best["tokens_per_s"],
+                "speed_ratio": ours_["tokens_per_s"] / best["tokens_per_s"],
+                "eager_speed_ratio": mine[our_eager]["tokens_per_s"] / theirs[their_eager]["tokens_per_s"],
+                "peftlab_peak_mb": ours_["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
+                "memory_ratio": ours_["peak_rss_bytes"] / best["peak_rss_bytes"],
+                "peftlab_eval_loss": ours_["eval_loss"], "peft_eval_loss": best["eval_loss"],
+                "ceiling_tok_s": limit, "peftlab_pct_ceiling": 100 * ours_["tokens_per_s"] / limit,
                 "peft_pct_ceiling": 100 * best["tokens_per_s"] / limit,
             })
     return rows
@@ -107,22 +123,26 @@ def markdown(result: dict) -> str:
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"peft {m.get('peft')}. Measured GEMM ceiling on the model's shapes: fp32 {c['fp32'] / 1e9:,.0f} GFLOP/s, "
         f"bf16 {c['bf16'] / 1e9:,.0f} GFLOP/s.", "",
-        "| config | precision | peftlab tok/s (its best setting) | peft tok/s (its best setting) | speed ratio | peftlab peak MB | peft peak MB "
-        "| memory ratio | ceiling tok/s | peftlab % ceiling | peft % ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Each side at its fastest setting (peft may compile; peftlab's int8 setting multiplies the frozen base in int8). "
+        "Ratios are peftlab / peft; *eager ratio*: both sides uncompiled, each at its fastest such setting.", "",
+        "| config | precision | peftlab tok/s (its best setting) | peft tok/s (its best setting) | speed ratio | eager ratio "
+        "| peftlab peak MB | peft peak MB | memory ratio | held-out loss peftlab / peft | peftlab % ceiling | peft % ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_tok_s']:,.0f} ({r['peftlab_mode']}) | "
-                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | "
-                     f"**{r['speed_ratio']:.2f}×** | {r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | "
-                     f"**{r['memory_ratio']:.2f}×** | {r['ceiling_tok_s']:,.0f} | {r['peftlab_pct_ceiling']:.0f}% | "
+                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×** | {r['eager_speed_ratio']:.2f}× | "
+                     f"{r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | **{r['memory_ratio']:.2f}×** | "
+                     f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} | {r['peftlab_pct_ceiling']:.0f}% | "
                      f"{r['peft_pct_ceiling']:.0f}% |")
-    lines += ["", "Every setting, tokens/s and peak MB (peftlab: as is, and `--compile`; peft: fp32, bf16 autocast over "
-              "an fp32 model, or the model loaded in bf16):", "", "| config | precision | setting | tok/s | peak MB |", "|---|---|---|---|---|"]
+    lines += ["", "Every setting (peftlab: eager, `--compile`, `--compile --base-precision int8`; peft: fp32, bf16 autocast "
+              "over an fp32 model, or the model loaded in bf16, each also under `torch.compile`):", "",
+              "| config | precision | setting | tok/s | peak MB | held-out loss |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for side in ("peftlab", "peft"):
-            for mode, tok in r.get(f"all_{side}_tok_s", {}).items():
-                lines.append(f"| {r['config']} | {r['precision']} | {side} {mode} | {tok:,.0f} | {r[f'all_{side}_peak_mb'][mode]:,.0f} |")
+            for mode, v in r["settings"][side].items():
+                lines.append(f"| {r['config']} | {r['precision']} | {side} {mode} | {v['tokens_per_s']:,.0f} | "
+                             f"{v['peak_rss_bytes'] / 1e6:,.0f} | {v['eval_loss']:.4f} |")
     if result.get("inference"):
         i = result["inference"]
         lines += ["", f"Inference (one forward of 1 × {s['seq_len']}, {i['precision']}): base {i['base_ms']:.1f} ms, "

@@ -1,15 +1,21 @@
 """The reference side of the benchmark: HF peft (or plain transformers for methods peft has
-no class for) with the training loop a peft user writes, at the best settings they would pick:
-fp32; bf16 autocast over an fp32 model; or the whole model loaded in bf16."""
+no class for) with the training loop a peft user writes, at every setting they can pick:
+fp32; bf16 autocast over an fp32 model; the whole model loaded in bf16 (pure bf16 weights and
+AdamW moments); each of them also under `torch.compile(model)`, which peft documents."""
 
 import torch
 
 from ..components import matches, where
 
 
+def compiled(mode: str) -> bool:
+    return mode.endswith("+compile")
+
+
 def build(model, setup: dict, mode: str):
-    """Wrap or freeze `model` like a peft user would; `mode` is fp32 | autocast | bf16-model."""
-    if mode == "bf16-model":
+    """Wrap or freeze `model` like a peft user would; `mode` is fp32 | autocast | bf16-model,
+    optionally `+compile` (applied by the caller, around the returned model)."""
+    if mode.startswith("bf16-model"):
         model = model.to(torch.bfloat16)
     kind = setup["peft"]
     if kind == "lora":
@@ -42,7 +48,7 @@ def train_steps(model, batches, steps: int, mode: str, lr: float = 1e-4) -> list
     for _ in range(steps):
         ids, labels = next(batches)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("autocast")):
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

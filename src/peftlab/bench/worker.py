@@ -21,25 +21,39 @@ def measure(job: dict) -> dict:
     torch.manual_seed(0)
     spec, setup = CONFIGS[job["config"]]
     steps = job["warmup"] + job["steps"]
+    ours = job["impl"] == "peftlab"
     cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0, seed=0,
-                      eval_every=-1, dtype=job["precision"], device="cpu", compile=job["mode"] == "compile")
+                      eval_every=-1, dtype=job["precision"], device="cpu", compile=ours and job["mode"] != "eager",
+                      base_precision="int8" if ours and job["mode"] == "int8" else "float")
     r = run.load(job["model"], job["data"], cfg, show=False)
     loaded = r.loaded
-    if job["impl"] == "peftlab":
+    if ours:
         model = run.prepare(r, spec).model
         times = [rec["step_time"] for rec in run.fit(r, show=False) if "step_time" in rec]
     else:
         model = reference.build(loaded.model, setup, job["mode"])
-        times = reference.train_steps(model, r.blocks.batches(job["batch_size"], 0), steps, job["mode"])
+        runner = torch.compile(model) if reference.compiled(job["mode"]) else model
+        times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], 0), steps, job["mode"])
     times = times[job["warmup"]:]
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
+    peak = runtime.peak_memory(torch.device("cpu"))  # training's peak, before the evaluation below
     return {
-        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": runtime.peak_memory(torch.device("cpu")),
+        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": peak,
+        "eval_loss": held_out(model, r.blocks, job["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trainable_matmul": ceiling.trainable_matmul_params(model),
         "flops_per_token": ceiling.flops_per_token(loaded.model, ceiling.trainable_matmul_params(model), job["seq_len"]),
     }
+
+
+@torch.no_grad()
+def held_out(model, blocks, bf16: bool, rows: int = 8) -> float:
+    """Mean token loss on the first held-out rows after the timed steps, computed the same way
+    for both sides, so a setting that is fast because it is imprecise shows it."""
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return float(model(input_ids=blocks.held_ids[:rows], labels=blocks.held_labels[:rows]).loss)
 
 
 def main() -> int:
