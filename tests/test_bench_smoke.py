@@ -29,6 +29,7 @@ def test_bench_smoke(text_file, tmp_path):
     json.dumps(result)
     assert set(CONFIGS) >= {"lora-r8-qv", "lora-r16-all", "dora-r8-qv", "prompt-20", "bitfit-norms", "freeze-attention", "full"}
     assert ours("full") == ["eager", "compile"]  # nothing frozen is a linear layer
+    assert ours("full", "bf16") == ["eager", "compile", "compensated"] and "compensated" not in ours("lora-r8-qv", "bf16")
 
 
 def test_bench_cli_errors(cli):
@@ -36,3 +37,21 @@ def test_bench_cli_errors(cli):
     assert code == 2 and "unknown bench case 'lora-r99'" in err
     code, _, err = cli("bench", "--dtype", "fp16")
     assert code == 2 and "--dtype must be fp32 or bf16" in err
+
+
+def test_cost_curves_smoke(text_file, tmp_path):
+    """Both sides at each length, gradient checkpointing from the threshold on, a table, a
+    figure and the longest length within the memory budget."""
+    from peftlab.bench import curves
+
+    result = curves.run_curves(("tiny-llama",), (32, 64), str(text_file), steps=1, warmup=1, checkpoint_from=64,
+                               log=lambda *a: None)
+    assert [(p["seq_len"], p["impl"], p["grad_checkpoint"]) for p in result["points"]] == [
+        (32, "peftlab", False), (32, "peft", False), (64, "peftlab", True), (64, "peft", True)]
+    rows = curves.table(result)
+    assert [r["seq_len"] for r in rows] == [32, 64] and all(r["peftlab"]["tok_s"] > 0 and r["peft"]["peak_mb"] > 0 for r in rows)
+    assert curves.longest_within(rows, "tiny-llama", "peftlab") == 64  # a tiny model fits 8 GB at every length
+    curves.write_curves(result, tmp_path / "CURVES.md")
+    text = (tmp_path / "CURVES.md").read_text()
+    assert "| tiny-llama | 64 |" in text and "![cost curves](CURVES.png)" in text
+    assert (tmp_path / "CURVES.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,7 +35,7 @@ PATTERN = re.compile(r"^step-(\d{8})$")
 # Identity keys in the order a difference is reported, with the option that sets each.
 IDENTITY = {"model": "--model", "data": "--data", "strategy": "--strategy", "batch_size": "--batch-size",
             "seq_len": "--seq-len", "grad_accum": "--grad-accum", "seed": "--seed", "dtype": "--dtype",
-            "base_precision": "--base-precision",
+            "base_precision": "--base-precision", "master_weights": "--master-weights",
             "data_digest": "--data (its content)", "base_digest": "--model (its weights)"}
 
 

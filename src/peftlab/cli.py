@@ -86,7 +86,7 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
     grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE, base_precision: str = o.BASE_PRECISION,
-    report_to: str = o.REPORT_TO,
+    master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO,
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
@@ -102,7 +102,7 @@ def train(
     o.at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
     o.out_folder(out_dir)
     o.check_base_precision(base_precision)
-    runtime.check_dtype(dtype)
+    o.check_master_weights(master_weights, runtime.check_dtype(dtype) == runtime.DTYPES["bf16"])
     runtime.pick_device(device)
     methods.parse_strategy(strategy)
     report_to_mod.check(report_to)
@@ -128,7 +128,7 @@ def train(
                       device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                       skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile,
-                      base_precision=base_precision)
+                      base_precision=base_precision, master_weights=master_weights)
     main_process = distributed.is_main()
     show = not quiet and main_process
     # Everything that can fail on user input happens before the first byte is written.
@@ -250,7 +250,7 @@ def compare(
     steps: int = o.STEPS, batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN, lr: float = o.LR, warmup: float = o.WARMUP,
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE,
-    base_precision: str = o.BASE_PRECISION, report_to: str = o.REPORT_TO,
+    base_precision: str = o.BASE_PRECISION, master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO,
     forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
@@ -266,14 +266,14 @@ def compare(
     o.at_least_zero(eval_every=eval_every, warmup=warmup)
     o.out_folder(out_dir)
     o.check_base_precision(base_precision)
-    runtime.check_dtype(dtype)
+    o.check_master_weights(master_weights, runtime.check_dtype(dtype) == runtime.DTYPES["bf16"])
     runtime.pick_device(device)
     report_to_mod.check(report_to)
     loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
     data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
                       grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
-                      compile=compile, base_precision=base_precision)
+                      compile=compile, base_precision=base_precision, master_weights=master_weights)
     summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                           samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
                           data_options={"text_column": text_column, "system": system}, report_to=report_to)
@@ -292,6 +292,9 @@ def bench(
     warmup_steps: int = typer.Option(2, "--warmup-steps", help="untimed optimizer steps before them"),
     repeats: int = typer.Option(2, "--repeats", help="alternating rounds"), batch_size: int = o.BATCH_SIZE, seq_len: int = o.SEQ_LEN,
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="write RESULTS.md (and RESULTS.json) here"),
+    curves: bool = typer.Option(False, "--curves", help="instead: cost curves over --curve-seq for each --curve-model (lora-r8-qv, batch 1)"),
+    curve_model: Optional[List[str]] = typer.Option(None, "--curve-model", help="models of the cost curves, repeatable (default: smollm2-135m gemma3-270m)"),
+    curve_seq: Optional[List[int]] = typer.Option(None, "--curve-seq", help="sequence lengths of the cost curves, repeatable (default: 256 1024 2048 4096)"),
     config: Optional[Path] = o.CONFIG,
 ):
     """peftlab against HF peft + transformers on the same model, batches and config; ratios, not lone times."""
@@ -308,6 +311,21 @@ def bench(
             raise UserError(f"--dtype must be fp32 or bf16, got '{p}'")
     from . import data as data_mod, models
 
+    if curves:
+        from .bench.curves import MODELS, SEQ_LENS, markdown as curve_markdown, run_curves, write_curves
+
+        for n in curve_seq or ():
+            o.positive(curve_seq=n)
+        for m in curve_model or MODELS:
+            data_mod.load_blocks(models.load(m), data, 64)  # fail fast on a missing asset
+        precision = (dtype or ["fp32"])[0]
+        result = run_curves(tuple(curve_model or MODELS), tuple(curve_seq or SEQ_LENS), data, precision=precision,
+                            steps=steps, warmup=warmup_steps, log=out.print)
+        print(curve_markdown(result))
+        if out_file:
+            write_curves(result, out_file)
+            out.print(f"written: {out_file}")
+        return
     data_mod.load_blocks(models.load(model), data, seq_len)  # fail fast on a missing asset
     import torch
 

@@ -25,6 +25,7 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
     base_precision: str = "float"  # float: frozen weights in `dtype`; int8: frozen linear layers in int8 (int8.py)
+    master_weights: str = "fp32"  # fp32 | bf16-compensated: how trained weights and AdamW moments are kept (optim.py)
     compile: bool | None = None  # torch.compile each decoder block and the loss; None: when the run is long enough to pay
 
 
@@ -33,3 +34,16 @@ def check_base_precision(name: str) -> None:
 
     if name not in ("float", "int8"):
         raise UserError(f"--base-precision must be float or int8, got '{name}'")
+
+
+MASTER_WEIGHTS = ("fp32", "bf16-compensated")
+
+
+def check_master_weights(name: str, bf16: bool) -> None:
+    """`bf16`: does the run compute in bf16 (the only dtype compensated bf16 weights make sense with)?"""
+    from .errors import UserError
+
+    if name not in MASTER_WEIGHTS:
+        raise UserError(f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got '{name}'")
+    if name == "bf16-compensated" and not bf16:
+        raise UserError("--master-weights bf16-compensated keeps trained weights in bf16: it needs --dtype bf16")

@@ -61,7 +61,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mm(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
     """a (M, K) int8 · b (K, N) int8 -> (M, N) fp32, the exact int32 products' sums."""
-    if kernel == "int_mm" and (a.device.type != "cuda" or a.shape[0] > 16):  # cuBLASLt wants M > 16
+    if kernel == "int_mm" and a.device.type == "cuda":
+        # cuBLASLt's int8 GEMM wants M > 16, K and N multiples of 8, and b column-major
+        if a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0:
+            return torch._int_mm(a, b if b.stride(0) == 1 else b.t().contiguous().t()).float()
+    elif kernel == "int_mm":
         return torch._int_mm(a, b).float()
     return a.float() @ b.float()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from .errors import UserError, close_matches
-from .config import TrainConfig, check_base_precision  # noqa: F401  (the command line's checks live here)
+from .config import TrainConfig, check_base_precision, check_master_weights  # noqa: F401  (the command line's checks)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +43,9 @@ GRAD_CHECKPOINT = typer.Option(D.grad_checkpoint, "--grad-checkpoint", help="rec
 BASE_PRECISION = typer.Option(D.base_precision, "--base-precision",
                               help="float | int8: keep the frozen linear layers in --dtype, or in int8 (per-channel scales; "
                                    "int8 GEMMs with per-token scales; half the base memory)")
+MASTER_WEIGHTS = typer.Option(D.master_weights, "--master-weights",
+                              help="fp32 | bf16-compensated: trained weights as fp32 masters, or bf16 with Kahan-compensated "
+                                   "updates and bf16 moments (with --dtype bf16; leaner for full and freeze strategies)")
 COMPILE = typer.Option(D.compile, "--compile/--no-compile",
                        help="torch.compile the decoder blocks: faster, leaner steps after a slow first one "
                             "(default: compile when the run is long enough to pay and a C++ compiler is present)")

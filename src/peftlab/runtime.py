@@ -58,11 +58,12 @@ def bf16_note(dtype: torch.dtype, device: torch.device) -> str | None:
     return None
 
 
-def store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Keep frozen floating-point weights in `dtype`; trainable ones stay fp32 (master copies)."""
+def store_frozen(model: torch.nn.Module, dtype: torch.dtype, trained: torch.dtype = torch.float32) -> None:
+    """Keep frozen floating-point weights in `dtype`; trainable ones in `trained` (fp32 master
+    copies, or bf16 for compensated updates: optim.py)."""
     for p in model.parameters():
         if p.is_floating_point():
-            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+            p.data = p.data.to(trained if p.requires_grad else dtype)
 
 
 def for_inference(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

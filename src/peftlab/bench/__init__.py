@@ -23,12 +23,19 @@ from .configs import CONFIGS
 
 _PLAIN = {"fp32": ["fp32"], "bf16": ["autocast", "bf16-model"]}
 MODES = {p: m + [x + "+compile" for x in m] for p, m in _PLAIN.items()}  # the reference's settings per precision
-OURS = ["eager", "compile", "int8"]  # peftlab's: as is, --compile, --compile --base-precision int8
+OURS = ["eager", "compile", "int8", "compensated"]  # peftlab's: as is, --compile, + --base-precision int8, + bf16 masters
+WHOLE_MATRIX = ("full", "freeze-attention")  # configs that train whole weight matrices
 
 
-def ours(config: str) -> list[str]:
-    """peftlab's settings for a config: int8 only where something frozen is a linear layer."""
-    return OURS if CONFIGS[config][0] != "full" else OURS[:2]
+def ours(config: str, precision: str = "fp32") -> list[str]:
+    """peftlab's settings for a config: int8 only where something frozen is a linear layer,
+    compensated bf16 master weights only for whole-matrix training in bf16."""
+    modes = OURS[:2]
+    if config != "full":
+        modes = modes + ["int8"]
+    if config in WHOLE_MATRIX and precision == "bf16":
+        modes = modes + ["compensated"]
+    return modes
 
 
 def eager(mode: str) -> bool:
@@ -60,7 +67,7 @@ def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None
     for rnd in range(repeats):
         for name in configs:
             for precision in precisions:
-                jobs = [{"impl": "peftlab", "mode": m} for m in ours(name)] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
+                jobs = [{"impl": "peftlab", "mode": m} for m in ours(name, precision)] + [{"impl": "peft", "mode": m} for m in MODES[precision]]
                 if rnd % 2:
                     jobs.reverse()  # alternate who goes first
                 for j in jobs:
@@ -123,7 +130,8 @@ def markdown(result: dict) -> str:
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"peft {m.get('peft')}. Measured GEMM ceiling on the model's shapes: fp32 {c['fp32'] / 1e9:,.0f} GFLOP/s, "
         f"bf16 {c['bf16'] / 1e9:,.0f} GFLOP/s.", "",
-        "Each side at its fastest setting (peft may compile; peftlab's int8 setting multiplies the frozen base in int8). "
+        "Each side at its fastest setting (peft may compile; peftlab's int8 setting multiplies the frozen base in int8, its "
+        "compensated one keeps trained weights in bf16 with Kahan-compensated updates). "
         "Ratios are peftlab / peft; *eager ratio*: both sides uncompiled, each at its fastest such setting.", "",
         "| config | precision | peftlab tok/s (its best setting) | peft tok/s (its best setting) | speed ratio | eager ratio "
         "| peftlab peak MB | peft peak MB | memory ratio | held-out loss peftlab / peft | peftlab % ceiling | peft % ceiling |",
@@ -135,7 +143,8 @@ def markdown(result: dict) -> str:
                      f"{r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | **{r['memory_ratio']:.2f}×** | "
                      f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} | {r['peftlab_pct_ceiling']:.0f}% | "
                      f"{r['peft_pct_ceiling']:.0f}% |")
-    lines += ["", "Every setting (peftlab: eager, `--compile`, `--compile --base-precision int8`; peft: fp32, bf16 autocast "
+    lines += ["", "Every setting (peftlab: eager, `--compile`, `--compile --base-precision int8`, `--compile --master-weights "
+              "bf16-compensated`; peft: fp32, bf16 autocast "
               "over an fp32 model, or the model loaded in bf16, each also under `torch.compile`):", "",
               "| config | precision | setting | tok/s | peak MB | held-out loss |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -12,9 +12,11 @@ def compiled(mode: str) -> bool:
     return mode.endswith("+compile")
 
 
-def build(model, setup: dict, mode: str):
+def build(model, setup: dict, mode: str, grad_checkpoint: bool = False):
     """Wrap or freeze `model` like a peft user would; `mode` is fp32 | autocast | bf16-model,
     optionally `+compile` (applied by the caller, around the returned model)."""
+    if grad_checkpoint:  # what peft's docs have a user call before get_peft_model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode.startswith("bf16-model"):
         model = model.to(torch.bfloat16)
     kind = setup["peft"]

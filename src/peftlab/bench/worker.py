@@ -24,14 +24,16 @@ def measure(job: dict) -> dict:
     ours = job["impl"] == "peftlab"
     cfg = TrainConfig(steps=steps, batch_size=job["batch_size"], seq_len=job["seq_len"], lr=1e-4, warmup=0, seed=0,
                       eval_every=-1, dtype=job["precision"], device="cpu", compile=ours and job["mode"] != "eager",
-                      base_precision="int8" if ours and job["mode"] == "int8" else "float")
+                      base_precision="int8" if ours and job["mode"] == "int8" else "float",
+                      master_weights="bf16-compensated" if ours and job["mode"] == "compensated" else "fp32",
+                      grad_checkpoint=job.get("grad_checkpoint", False))
     r = run.load(job["model"], job["data"], cfg, show=False)
     loaded = r.loaded
     if ours:
         model = run.prepare(r, spec).model
         times = [rec["step_time"] for rec in run.fit(r, show=False) if "step_time" in rec]
     else:
-        model = reference.build(loaded.model, setup, job["mode"])
+        model = reference.build(loaded.model, setup, job["mode"], job.get("grad_checkpoint", False))
         runner = torch.compile(model) if reference.compiled(job["mode"]) else model
         times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], 0), steps, job["mode"])
     times = times[job["warmup"]:]

@@ -1,0 +1,89 @@
+"""--master-weights bf16-compensated: bf16 trained weights with Kahan-compensated AdamW
+updates and stochastically rounded bf16 moments, against fp32 master weights."""
+
+import pytest
+import torch
+
+from peftlab import checkpoint, data, models, optim
+from peftlab.errors import UserError
+from peftlab.methods import prepare, trainable_parameters
+from peftlab.train import TrainConfig, train
+
+
+def test_stochastic_rounding_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way between two bf16 neighbours
+    assert x.to(torch.bfloat16).float().mean() == 1.0  # round to nearest loses it
+    assert float(optim.round_stochastic(x).float().mean()) == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+
+
+def _updates(kind, steps=300, lr=1e-4):
+    """Adam steps on w = 1 + small, whose updates are below half a bf16 step at |w| ≈ 1."""
+    torch.manual_seed(0)
+    w0 = 1 + 0.01 * torch.randn(4096)
+    target = w0 + 0.02
+    p = torch.nn.Parameter(w0.clone().to(torch.float32 if kind == "fp32" else torch.bfloat16))
+    opt = {"fp32": lambda: torch.optim.AdamW([p], lr=lr, weight_decay=0.0),
+           "bf16": lambda: torch.optim.AdamW([p], lr=lr, weight_decay=0.0),
+           "compensated": lambda: optim.CompensatedAdamW([p], lr=lr)}[kind]()
+    for _ in range(steps):
+        p.grad = (p.detach().float() - target).to(p.dtype)
+        opt.step()
+    if kind == "compensated":  # the weight it stands for: the bf16 value plus what rounding it dropped
+        return p.detach().float() + opt.state[p]["compensation"].float(), p.detach().float()
+    return p.detach().float()
+
+
+def test_compensated_bf16_follows_fp32_masters_where_plain_bf16_stalls():
+    fp32, plain = _updates("fp32"), _updates("bf16")
+    comp, stored = _updates("compensated")
+    moved = (fp32 - _updates("fp32", steps=0)).abs().mean()
+    assert moved > 0.01  # fp32 masters learn
+    assert (plain - fp32).abs().mean() > 0.5 * moved  # plain bf16 rounds most updates away
+    assert (comp - fp32).abs().mean() < 0.05 * moved  # compensated bf16 keeps them
+    assert (stored - fp32).abs().max() <= 2 ** -7  # the bf16 weight itself: within one bf16 step of fp32
+
+
+def _run(text_file, master, out=None, steps=4, resume=False, **extra):
+    loaded = models.load("tiny-llama", seed=0)
+    blocks = data.load_blocks(loaded, str(text_file), 32)
+    prepared = prepare(loaded.model, "full", loaded.tokenizer)
+    cfg = TrainConfig(steps=steps, batch_size=2, seq_len=32, lr=1e-3, warmup=0, eval_every=steps, device="cpu",
+                      dtype="bf16", master_weights=master, **extra)
+    records = train(loaded.model, blocks, prepared, cfg, out=out, show=False, resume=resume)
+    return loaded.model, records
+
+
+def test_full_fine_tune_with_compensated_bf16_weights(text_file):
+    ref, want = _run(text_file, "fp32")
+    model, got = _run(text_file, "bf16-compensated")
+    trained = trainable_parameters(model)
+    assert trained and all(p.dtype == torch.bfloat16 for p in trained.values())
+    assert got[-1]["eval_loss"] == pytest.approx(want[-1]["eval_loss"], rel=0.02)
+    assert got[-1]["eval_loss"] < got[0]["eval_loss"]
+
+
+def test_compensated_run_resumes_bit_for_bit(text_file, tmp_path):
+    whole, _ = _run(text_file, "bf16-compensated", out=tmp_path / "a", checkpoint_every=2)
+    _run(text_file, "bf16-compensated", out=tmp_path / "b", checkpoint_every=2)
+    for p in list((tmp_path / "b" / checkpoint.FOLDER).iterdir()):
+        if p.name.endswith("4"):
+            import shutil
+
+            shutil.rmtree(p)  # as if killed after step 2's checkpoint
+    assert checkpoint.latest(tmp_path / "b").name.endswith("2")
+    resumed, _ = _run(text_file, "bf16-compensated", out=tmp_path / "b", checkpoint_every=2, resume=True)
+    for name, p in trainable_parameters(whole).items():
+        assert torch.equal(trainable_parameters(resumed)[name], p), name
+
+
+def test_master_weights_errors(cli, text_file, tmp_path):
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "--master-weights", "bf16-compensated",
+                       "--dtype", "fp32", "--out", str(tmp_path / "r"))
+    assert code == 2 and "needs --dtype bf16" in err
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "--master-weights", "fp16", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--master-weights must be one of fp32, bf16-compensated" in err
+    loaded = models.load("tiny-llama", seed=0)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, device="cpu", dtype="fp32", master_weights="bf16-compensated")
+    with pytest.raises(UserError, match="needs --dtype bf16"):
+        train(loaded.model, data.load_blocks(loaded, str(text_file), 32), prepare(loaded.model, "full"), cfg, show=False)
