@@ -55,3 +55,10 @@ def test_cost_curves_smoke(text_file, tmp_path):
     text = (tmp_path / "CURVES.md").read_text()
     assert "| tiny-llama | 64 |" in text and "![cost curves](CURVES.png)" in text
     assert (tmp_path / "CURVES.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inference_latency_smoke():
+    from peftlab.bench.inference import inference_latency
+
+    got = inference_latency("tiny-llama", 16, repeats=1)
+    assert got["precision"] in ("fp32", "bf16") and got["base_ms"] > 0 and got["merged_ms"] > 0 and got["unmerged_ms"] > 0

@@ -309,8 +309,14 @@ def bench(
     for p in dtype or []:
         if p not in ("fp32", "bf16"):
             raise UserError(f"--dtype must be fp32 or bf16, got '{p}'")
-    from . import data as data_mod, models
+    import torch
 
+    from . import data as data_mod, models, runtime
+
+    if not dtype:
+        dtype = ["fp32", "bf16"] if runtime.native_bf16(torch.device("cpu")) else ["fp32"]
+        if len(dtype) == 1:
+            out.print("bf16 is emulated on this CPU (no AVX-512 BF16 / AMX): benchmarking fp32 only (--dtype bf16 forces it)")
     if curves:
         from .bench.curves import MODELS, SEQ_LENS, markdown as curve_markdown, run_curves, write_curves
 
@@ -318,8 +324,7 @@ def bench(
             o.positive(curve_seq=n)
         for m in curve_model or MODELS:
             data_mod.load_blocks(models.load(m), data, 64)  # fail fast on a missing asset
-        precision = (dtype or ["fp32"])[0]
-        result = run_curves(tuple(curve_model or MODELS), tuple(curve_seq or SEQ_LENS), data, precision=precision,
+        result = run_curves(tuple(curve_model or MODELS), tuple(curve_seq or SEQ_LENS), data, precision=dtype[-1],
                             steps=steps, warmup=warmup_steps, log=out.print)
         print(curve_markdown(result))
         if out_file:
@@ -327,17 +332,9 @@ def bench(
             out.print(f"written: {out_file}")
         return
     data_mod.load_blocks(models.load(model), data, seq_len)  # fail fast on a missing asset
-    import torch
-
-    from . import runtime
-
-    if not dtype:
-        dtype = ["fp32", "bf16"] if runtime.native_bf16(torch.device("cpu")) else ["fp32"]
-        if len(dtype) == 1:
-            out.print("bf16 is emulated on this CPU (no AVX-512 BF16 / AMX): benchmarking fp32 only (--dtype bf16 forces it)")
     result = run_bench(model, data, case, tuple(dtype), steps, warmup_steps, repeats, batch_size,
                        seq_len, log=out.print)
-    result["inference"] = inference_latency(model, seq_len)
+    result["inference"] = inference_latency(model, seq_len, dtype=runtime.DTYPES[dtype[-1]])
     print(markdown(result))
     if out_file:
         write_results(result, out_file)

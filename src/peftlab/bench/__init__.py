@@ -51,12 +51,13 @@ def _run(job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_ceiling(model_name: str, rows: int) -> dict:
+def machine_ceiling(model_name: str, rows: int, precisions=("fp32", "bf16")) -> dict:
     from .. import models
     from .ceiling import gemm_flops_per_s
 
     model = models.load(model_name).model
-    return {"fp32": gemm_flops_per_s(model, rows, torch.float32), "bf16": gemm_flops_per_s(model, rows, torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {p: gemm_flops_per_s(model, rows, dtypes[p]) for p in precisions}
 
 
 def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None, precisions=("fp32", "bf16"),
@@ -74,7 +75,7 @@ def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None
                     job = base | j | {"config": name, "precision": precision, "round": rnd}
                     log(f"round {rnd + 1}/{repeats} · {name} · {precision} · {j['impl']} ({j['mode']})")
                     runs.append(_run(job))
-    ceil = machine_ceiling(model, batch_size * seq_len)
+    ceil = machine_ceiling(model, batch_size * seq_len, precisions)
     return {"setup": base, "runs": runs, "gemm_flops_per_s": ceil, "machine": machine(), "rows": summarize(runs, ceil)}
 
 
@@ -128,8 +129,8 @@ def markdown(result: dict) -> str:
         f"Model `{s['model']}`, data `{s['data']}`, batch {s['batch_size']} × seq {s['seq_len']}, "
         f"{s['warmup']} warm-up + {s['steps']} timed steps, medians over alternating rounds; each run in its own process.",
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, transformers {m.get('transformers')}, "
-        f"peft {m.get('peft')}. Measured GEMM ceiling on the model's shapes: fp32 {c['fp32'] / 1e9:,.0f} GFLOP/s, "
-        f"bf16 {c['bf16'] / 1e9:,.0f} GFLOP/s.", "",
+        f"peft {m.get('peft')}. Measured GEMM ceiling on the model's shapes: "
+        + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in c.items()) + ".", "",
         "Each side at its fastest setting (peft may compile; peftlab's int8 setting multiplies the frozen base in int8, its "
         "compensated one keeps trained weights in bf16 with Kahan-compensated updates). "
         "Ratios are peftlab / peft; *eager ratio*: both sides uncompiled, each at its fastest such setting.", "",

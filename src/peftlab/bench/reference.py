@@ -39,15 +39,20 @@ def build(model, setup: dict, mode: str, grad_checkpoint: bool = False):
     return model
 
 
-def train_steps(model, batches, steps: int, mode: str, lr: float = 1e-4) -> list[float]:
-    """AdamW over the trainable parameters, clip 1.0; the wall time of every step."""
+def train_steps(model, batches, steps: int, mode: str, cfg) -> list[float]:
+    """AdamW over the trainable parameters, clip 1.0, the learning-rate schedule peftlab's side
+    follows (so both reach comparable held-out losses); the wall time of every step."""
     import time
+
+    from ..train import lr_factor
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
     times = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg)
         ids, labels = next(batches)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("autocast")):

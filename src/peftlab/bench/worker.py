@@ -35,7 +35,7 @@ def measure(job: dict) -> dict:
     else:
         model = reference.build(loaded.model, setup, job["mode"], job.get("grad_checkpoint", False))
         runner = torch.compile(model) if reference.compiled(job["mode"]) else model
-        times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], 0), steps, job["mode"])
+        times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], cfg.seed), steps, job["mode"], cfg)
     times = times[job["warmup"]:]
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
