@@ -76,8 +76,3 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 p.copy_(new)
         return None
 
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes the optimizer's per-parameter state occupies."""
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)
