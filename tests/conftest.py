@@ -74,3 +74,19 @@ def linear_dims(model, leaves=None):
     from peftlab.methods.targets import dims, linear_layers
 
     return [dims(m) for n, m in linear_layers(model).items() if leaves is None or n.rsplit(".", 1)[-1] in leaves]
+
+
+@pytest.fixture(scope="session")
+def bad_world(tmp_path_factory):
+    """The files every bad-input case starts from (tests/bad_input.py), built once."""
+    from bad_input import build_world
+
+    return build_world(tmp_path_factory.mktemp("bad-world"))
+
+
+@pytest.fixture
+def bad_case(bad_world, tmp_path, capsys, monkeypatch):
+    """run(case): one row of a bad-input table, checked as tests/bad_input.py describes."""
+    from bad_input import run_case
+
+    return lambda case: run_case(case, bad_world, tmp_path, capsys, monkeypatch)

@@ -20,3 +20,11 @@ def close_matches(word: str, choices, n: int = 3) -> str:
     """Return ' (did you mean: a, b?)' for near misses of `word`, or ''."""
     hits = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(hits)}?)" if hits else ""
+
+
+def warn(message: str) -> None:
+    """Tell the user something they should know but that does not stop the command: one line
+    on stderr, `peftlab: warning: ...`."""
+    import sys
+
+    print(f"peftlab: warning: {message}", file=sys.stderr, flush=True)
