@@ -37,7 +37,7 @@ class Case:
     id: str
     argv: list
     code: int
-    line: str  # regex searched in the one line on stderr
+    line: str | None  # regex searched in the one `peftlab:` line on stderr (None: a success, no error line)
     setup: Callable | None = None  # setup(world: Path) makes extra input files before the run
     writes: tuple = ()  # paths (relative to the world) the case may create or change
     env: dict = field(default_factory=dict)
@@ -103,8 +103,11 @@ def run_case(case: Case, template: Path, work: Path, capsys, monkeypatch) -> Non
     assert "Traceback" not in captured.err + captured.out, captured.err
     assert code == case.code, f"exit {code}, expected {case.code}; stderr: {captured.err}"
     mine = [ln for ln in err if ln.startswith("peftlab:")]
-    assert len(mine) == 1, f"expected one 'peftlab:' line, got: {err}"
-    assert re.search(case.line, mine[0]), f"{mine[0]!r} does not match {case.line!r}"
+    if case.line is None:
+        assert not [ln for ln in mine if ln.startswith("peftlab: error")], err
+    else:
+        assert len(mine) == 1, f"expected one 'peftlab:' line, got: {err}"
+        assert re.search(case.line, mine[0]), f"{mine[0]!r} does not match {case.line!r}"
     after = snapshot(world)
     allowed = [str(Path(fill([w], world)[0]).relative_to(world)) if os.path.isabs(fill([w], world)[0]) else w
                for w in case.writes]

@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover
 from rich.console import Console
 from rich.table import Table
 
+from . import outputs
 from .errors import UserError
 from .progress import phase
 
@@ -86,21 +87,18 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
     grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE, base_precision: str = o.BASE_PRECISION,
-    master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO,
+    master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO, overwrite: bool = o.OVERWRITE,
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import artifacts, checkpoint, distributed, methods, report_to as report_to_mod, run as run_mod, runtime
-    from .files import write_json
-    from .train import TrainConfig, config_dict
-
+    from . import checkpoint, distributed, methods, report_to as report_to_mod, runtime
     from .spec import split_lr
 
     strategy, lr = split_lr(strategy, lr)
     o.positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
                keep_checkpoints=keep_checkpoints, nproc=nproc)
     o.at_least_zero(eval_every=eval_every, warmup=warmup, checkpoint_every=checkpoint_every)
-    o.out_folder(out_dir)
+    o.seed(seed)
     o.check_base_precision(base_precision)
     o.check_master_weights(master_weights, runtime.check_dtype(dtype) == runtime.DTYPES["bf16"])
     runtime.pick_device(device)
@@ -110,55 +108,85 @@ def train(
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {max(nproc, distributed.world_size())} "
                         "processes (each takes an equal share of every batch)")
     finished = _finished(out_dir)
-    if not resume and checkpoint.latest(out_dir) and not finished:
-        raise UserError(f"{out_dir} holds an unfinished run ({checkpoint.latest(out_dir).name}); "
-                        "add --resume to continue it, or choose another --out")
     if resume and finished:
         out.print(f"the run in {out_dir} already finished; its adapter is {out_dir / 'adapter'}")
         return
-    if nproc > 1 and not distributed.launched():
-        argv = _argv_without(ctx.obj["argv"], "--nproc")
-        code = distributed.launch(nproc, argv)
-        if code:
-            raise _Exit(code, "" if code in (2, 130, 143) else
-                        f"a training process failed (exit {code}; its message is above); no adapter was written, "
-                        f"checkpoints in {out_dir} are intact: continue with --resume")
-        return
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype,
-                      device=device, grad_accum=grad_accum, eval_every=eval_every, warmup=warmup,
-                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                      skip_nonfinite=skip_nonfinite, fsdp=fsdp, grad_checkpoint=grad_checkpoint, compile=compile,
-                      base_precision=base_precision, master_weights=master_weights)
+    unfinished = checkpoint.latest(out_dir) if out_dir.is_dir() else None
+    if not resume and unfinished and not finished and not overwrite:
+        raise UserError(f"{out_dir} holds an unfinished run ({unfinished.name}); "
+                        "add --resume to continue it, --overwrite to start it anew, or choose another --out")
+    resume = resume and unfinished is not None  # --resume with nothing to resume starts the run (preemptible jobs always pass it)
+    inputs = (model, data, config, strategy if strategy.endswith(".toml") else None)
+    if distributed.launched():  # a torchrun worker: the launching process claimed --out and holds its lock
+        return _train(ctx, out_dir, inputs, locals())
+    held = "a finished run, its adapter is " + str(out_dir / "adapter") if finished else ""
+    with outputs.claim(out_dir, inputs=inputs, overwrite=overwrite, continuing=resume, what_exists=held):
+        ctx.obj["kept"] = (f"checkpoints in {out_dir} are kept: continue with --resume" if resume or checkpoint_every
+                           else "nothing was written")
+        if nproc > 1:
+            if overwrite and not resume:
+                outputs.clear(out_dir)
+            argv = _argv_without(ctx.obj["argv"], "--nproc")
+            code = distributed.launch(nproc, argv)
+            if code:
+                raise _Exit(code, "" if code in (2, 130, 143) else
+                            f"a training process failed (exit {code}; its message is above); no adapter was written, "
+                            f"checkpoints in {out_dir} are intact: continue with --resume")
+            return
+        return _train(ctx, out_dir, inputs, locals())
+
+
+def _train(ctx, out_dir: Path, inputs, a: dict):
+    """The run itself, once --out is claimed: load and check everything, then write."""
+    from . import artifacts, checkpoint, distributed, report_to as report_to_mod, run as run_mod, runtime
+    from .files import write_json
+    from .train import TrainConfig, config_dict
+
+    resume, overwrite = a["resume"], a["overwrite"]
+    cfg = TrainConfig(steps=a["steps"], batch_size=a["batch_size"], seq_len=a["seq_len"], lr=a["lr"], seed=a["seed"],
+                      dtype=a["dtype"], device=a["device"], grad_accum=a["grad_accum"], eval_every=a["eval_every"],
+                      warmup=a["warmup"], checkpoint_every=a["checkpoint_every"], keep_checkpoints=a["keep_checkpoints"],
+                      skip_nonfinite=a["skip_nonfinite"], fsdp=a["fsdp"], grad_checkpoint=a["grad_checkpoint"],
+                      compile=a["compile"], base_precision=a["base_precision"], master_weights=a["master_weights"])
     main_process = distributed.is_main()
-    show = not quiet and main_process
+    show = not a["quiet"] and main_process
+    model, data, steps = a["model"], a["data"], a["steps"]
     # Everything that can fail on user input happens before the first byte is written.
-    job = run_mod.load(model, data, cfg, show, text_column=text_column, system=system)
+    job = run_mod.load(model, data, cfg, show, text_column=a["text_column"], system=a["system"])
     base_bytes = sum(p.numel() * 4 for p in job.model.parameters())
-    run_mod.prepare(job, strategy)
+    run_mod.prepare(job, a["strategy"])
     from .params import count
 
     trainable, total = count(job.model)["total"]
     run_file = out_dir / "run.json"
     previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
-    run = {"command": "train", "model": model, "data": data, "data_options": {"text_column": text_column, "system": system},
+    run = {"command": "train", "model": model, "data": data,
+           "data_options": {"text_column": a["text_column"], "system": a["system"]},
            "strategy": job.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
            "processes": distributed.world_size(), "versions": runtime.versions(),
-           "hardware": runtime.hardware(runtime.pick_device(device)),
+           "hardware": runtime.hardware(runtime.pick_device(a["device"])),
            "data_tokens": job.blocks.n_tokens, "train_blocks": len(job.blocks.train_ids), "held_out_blocks": len(job.blocks.held_ids)}
     last = checkpoint.latest(out_dir) if resume else None
     if previous:
         run["resumed"] = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0]
+    created = not out_dir.exists()
     if main_process:
+        if overwrite and not resume and not distributed.launched():
+            outputs.clear(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, run)
     start = time.perf_counter()
-    tracker = report_to_mod.Tracker(report_to if main_process else "none", out_dir / "tensorboard")
+    tracker = report_to_mod.Tracker(a["report_to"] if main_process else "none", out_dir / "tensorboard")
     try:
         records = run_mod.fit(job, out=out_dir, show=show, resume=resume, identity={"model": model, "data": data},
                               on_record=tracker.log)
+        folder = run_mod.save(job, out_dir / "adapter", show)
+    except BaseException:
+        if main_process and not resume and checkpoint.latest(out_dir) is None:
+            _unwrite(out_dir, created)  # nothing to resume from: leave no trace of the failed run
+        raise
     finally:
         tracker.close()
-    folder = run_mod.save(job, out_dir / "adapter", show)
     if not main_process:
         return
     size = artifacts.size_on_disk(folder)
@@ -173,12 +201,31 @@ def train(
     out.print(f"adapter: {folder} ({size / 1e6:.2f} MB; the full model is {base_bytes / 1e6:.1f} MB in fp32)")
 
 
+def _unwrite(folder: Path, created: bool) -> None:
+    """Remove what a failed run wrote: the whole folder if the run made it, else its own files."""
+    import shutil
+
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in ("run.json", "metrics.jsonl"):
+        (folder / name).unlink(missing_ok=True)
+    for name in ("tensorboard", "checkpoints", "adapter"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
 def _finished(folder: Path) -> bool:
     """True when `folder` holds a run that completed (its run.json has a result)."""
     try:
         return "result" in json.loads((folder / "run.json").read_text())
     except (OSError, ValueError):
         return False
+
+
+def _comparison(folder: Path) -> bool:
+    """True when `folder` holds a peftlab comparison (whose finished strategies a rerun reuses)."""
+    return (folder / "strategies").is_dir() and all(
+        (p / "job.json").is_file() for p in (folder / "strategies").iterdir() if p.is_dir())
 
 
 class _Exit(Exception):
@@ -209,14 +256,18 @@ def generate(
     adapter: Optional[List[Path]] = typer.Option(None, "--adapter", "-a", help="adapter folder; repeat to compare"),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"), temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
     seed: int = o.SEED, chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template"),
-    dtype: str = o.DTYPE, device: str = o.DEVICE,
+    dtype: str = o.DTYPE, device: str = o.DEVICE, force_base: bool = o.FORCE_BASE,
 ):
     """Generate from the base model, or from each adapter side by side."""
     from . import artifacts, models, runtime
     from .generate import generate as run
+    from .params import all_finite
 
     o.positive(max_new_tokens=max_new_tokens)
     o.at_least_zero(temperature=temperature)
+    o.seed(seed)
+    if not prompt.strip() and not chat:
+        raise UserError("--prompt is empty; give the text to continue, e.g. --prompt 'Call me Ishmael.'")
     where = runtime.pick_device(device)
     compute = runtime.check_dtype(dtype, where)
     for a in adapter or []:
@@ -236,7 +287,8 @@ def generate(
     table.add_row("(base)", prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
     for a in adapter:
         fresh = models.load(model)
-        artifacts.load(fresh.model, a, tokenizer=fresh.tokenizer)
+        artifacts.load(fresh.model, a, tokenizer=fresh.tokenizer, force_base=force_base)
+        all_finite(fresh.model, f"{model} with {a}")
         label = f"{a.parent.name}/{a.name}" if a.name == "adapter" else a.name
         table.add_row(label, prompt + run(ready(fresh), prompt, max_new_tokens, temperature, seed, chat))
     out.print(table)
@@ -251,32 +303,48 @@ def compare(
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE,
     base_precision: str = o.BASE_PRECISION, master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO,
+    overwrite: bool = o.OVERWRITE,
     forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train several strategies from identical weights on identical batches; write report.html."""
-    from . import data as data_mod, models, report_to as report_to_mod, runtime
+    from . import data as data_mod, models, report_to as report_to_mod, run as run_mod, runtime
     from .train import TrainConfig
     from .workbench import compare as run_compare
 
     o.positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, samples=samples,
                gen_tokens=gen_tokens)
     o.at_least_zero(eval_every=eval_every, warmup=warmup)
-    o.out_folder(out_dir)
+    o.seed(seed)
     o.check_base_precision(base_precision)
     o.check_master_weights(master_weights, runtime.check_dtype(dtype) == runtime.DTYPES["bf16"])
     runtime.pick_device(device)
     report_to_mod.check(report_to)
-    loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
-    data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
-                      grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
-                      compile=compile, base_precision=base_precision, master_weights=master_weights)
-    summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
-                          samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
-                          data_options={"text_column": text_column, "system": system}, report_to=report_to)
+    from .methods import parse_strategy
+    from .spec import split_lr
+
+    for entry in strategy:
+        parse_strategy(split_lr(entry, lr)[0])
+    mine = _comparison(out_dir)
+    inputs = (model, data, config, None if forget in ("auto", "none") else forget,
+              *[e for e in strategy if split_lr(e, lr)[0].endswith(".toml")])
+    with outputs.claim(out_dir, inputs=inputs, overwrite=overwrite, continuing=mine,
+                       what_exists="not a comparison folder" if not mine else ""):
+        loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
+        blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
+        run_mod.check_batch(blocks, batch_size, data)
+        if overwrite and not mine:
+            outputs.clear(out_dir)
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
+                          grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
+                          compile=compile, base_precision=base_precision, master_weights=master_weights)
+        typer.get_current_context().obj["kept"] = f"finished strategies in {out_dir} are kept: rerun the same command to continue"
+        summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
+                              samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
+                              data_options={"text_column": text_column, "system": system}, report_to=report_to,
+                              overwrite=overwrite)
     print((out_dir / "summary.md").read_text())
     out.print(f"report: {(out_dir / 'report.html').resolve()}")
     return summary
@@ -295,7 +363,7 @@ def bench(
     curves: bool = typer.Option(False, "--curves", help="instead: cost curves over --curve-seq for each --curve-model (lora-r8-qv, batch 1)"),
     curve_model: Optional[List[str]] = typer.Option(None, "--curve-model", help="models of the cost curves, repeatable (default: smollm2-135m gemma3-270m)"),
     curve_seq: Optional[List[int]] = typer.Option(None, "--curve-seq", help="sequence lengths of the cost curves, repeatable (default: 256 1024 2048 4096)"),
-    config: Optional[Path] = o.CONFIG,
+    overwrite: bool = o.OVERWRITE, config: Optional[Path] = o.CONFIG,
 ):
     """peftlab against HF peft + transformers on the same model, batches and config; ratios, not lone times."""
     from .bench import CONFIGS, markdown, run_bench, write_results
@@ -303,6 +371,9 @@ def bench(
 
     o.positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
     o.at_least_zero(warmup_steps=warmup_steps)
+    if out_file is not None:  # RESULTS.md and its RESULTS.json: both follow the output policy
+        for f in (out_file, out_file.with_suffix(".json")):
+            outputs.check(f, inputs=(model, data, config), overwrite=overwrite, kind="file")
     for c in case or []:
         if c not in CONFIGS:
             raise UserError(f"unknown bench case '{c}'; known: {', '.join(CONFIGS)}")
@@ -347,16 +418,16 @@ def report(
     out_file: Path = typer.Option(..., "--out", "-o", help="the HTML file to write"),
     allow_mixed: bool = typer.Option(False, "--allow-mixed", help="allow runs of different models or data in one report"),
     title: str = typer.Option("peftlab comparison", "--title", help="the report's heading"),
+    overwrite: bool = o.OVERWRITE,
 ):
     """Put finished comparisons and train runs into one self-contained report.html."""
     from .files import write_text
     from .workbench.report import markdown_table, page, rows
     from .workbench.runs import collect
 
-    if out_file.exists() and out_file.is_dir():
-        raise UserError(f"--out {out_file} is a folder; give the HTML file to write, e.g. {out_file / 'report.html'}")
-    summary = collect(folders, allow_mixed)
-    write_text(out_file, page(summary, title))
+    with outputs.claim(out_file, inputs=folders, overwrite=overwrite, kind="file"):
+        summary = collect(folders, allow_mixed)
+        write_text(out_file, page(summary, title))
     print(markdown_table(rows(summary)))
     out.print(f"report: {out_file.resolve()}")
 
@@ -369,11 +440,13 @@ def export(
     format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama)"),
     dtype: str = typer.Option("f16", "--dtype", help="f32 | f16 | bf16 | q8_0 (matrices; norms stay f32)"),
     lora_only: bool = typer.Option(False, "--lora-only", help="write the LoRA alone as llama.cpp's LoRA GGUF"),
+    overwrite: bool = o.OVERWRITE, force_base: bool = o.FORCE_BASE,
 ):
     """Write a model (with its adapter merged in) or a LoRA as GGUF for llama.cpp and Ollama."""
     from . import artifacts, models
     from .export import TYPES, export_lora, export_model
     from .merge import merge_and_unload
+    from .params import all_finite
 
     if format != "gguf":
         raise UserError(f"--format must be gguf, got '{format}'")
@@ -381,21 +454,21 @@ def export(
         raise UserError(f"--dtype for GGUF must be one of {', '.join(TYPES)}, got '{dtype}'")
     if lora_only and adapter is None:
         raise UserError("--lora-only needs --adapter")
-    if out_file.is_dir():
-        raise UserError(f"--out {out_file} is a folder; give the .gguf file to write")
     if adapter is not None:
         artifacts.kind(adapter)
-    with phase(f"loading {model}", True):
-        loaded = models.load(model)
-        if adapter is not None:
-            artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with phase(f"writing {out_file}", True):
-        if lora_only:
-            export_lora(loaded.model, out_file, dtype="f32" if dtype == "q8_0" else dtype)
-        else:
-            merged = merge_and_unload(loaded.model) if adapter is not None else loaded.model
-            export_model(merged, loaded.tokenizer, out_file, dtype=dtype, name=str(model))
+    with outputs.claim(out_file, inputs=(model, adapter), overwrite=overwrite, kind="file"):
+        with phase(f"loading {model}", True):
+            loaded = models.load(model)
+            if adapter is not None:
+                artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer, force_base=force_base)
+        merged = loaded.model if lora_only or adapter is None else merge_and_unload(loaded.model)
+        all_finite(merged, f"{model}" + (f" with {adapter}" if adapter else ""))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        with phase(f"writing {out_file}", True):
+            if lora_only:
+                export_lora(loaded.model, out_file, dtype="f32" if dtype == "q8_0" else dtype)
+            else:
+                export_model(merged, loaded.tokenizer, out_file, dtype=dtype, name=str(model))
     out.print(f"{'LoRA' if lora_only else 'model'}: {out_file} ({out_file.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -406,44 +479,59 @@ def merge(
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder for the merged HF model"),
     dequantize: bool = typer.Option(False, "--dequantize", help="allow de-quantizing a 4/8-bit base to merge into it"),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: the dtype of the written weights"),
-    device: str = o.DEVICE,
+    device: str = o.DEVICE, overwrite: bool = o.OVERWRITE, force_base: bool = o.FORCE_BASE,
 ):
     """Fold an adapter into the base; write a plain HF model folder (no peftlab needed to load it)."""
     from . import artifacts, models, runtime
     from .files import atomic_dir
     from .merge import merge_and_unload
+    from .params import all_finite
 
     where = runtime.pick_device(device)
     written = runtime.check_dtype(dtype, where)
-    o.out_folder(out_dir)
     artifacts.kind(adapter)
-    loaded = models.load(model)
-    artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer)
-    loaded.model.to(where)
-    merged = merge_and_unload(loaded.model, dequantize=dequantize)  # in fp32, then stored as asked
-    merged.to(device="cpu", dtype=written)
-    with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+    with outputs.claim(out_dir, inputs=(model, adapter), overwrite=overwrite):
+        loaded = models.load(model)
+        artifacts.load(loaded.model, adapter, tokenizer=loaded.tokenizer, force_base=force_base)
+        loaded.model.to(where)
+        merged = merge_and_unload(loaded.model, dequantize=dequantize)  # in fp32, then stored as asked
+        merged.to(device="cpu", dtype=written)
+        all_finite(merged, f"the merged model of {model} and {adapter}")
+        with atomic_dir(out_dir) as tmp:
+            merged.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
     out.print(f"merged model: {out_dir} ({sum(p.stat().st_size for p in out_dir.rglob('*') if p.is_file()) / 1e6:.1f} MB)")
 
 
 def main(argv=None) -> int:
-    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    """Entry point. Every command ends in one of four ways: success (0); a user's mistake or a
+    file system refusal as one `peftlab: error:` line (2); an interrupt that says what was kept
+    (130 Ctrl-C, 143 SIGTERM); or an internal error that calls itself a bug, with the traceback
+    saved to a file (1)."""
     from .errors import RunFailed
-    from .interrupt import Interrupted
+    from .interrupt import Interrupted, Stop, stop_on_signals
 
     command = typer.main.get_command(app)
+    obj = {"kept": "nothing was written"}
+    code = 0
     try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj={"argv": argv},
-                     default_map=o.run_config(command, argv))
+        with stop_on_signals():
+            argv = list(sys.argv[1:] if argv is None else argv)
+            obj["argv"] = argv
+            code = command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
+                                default_map=o.run_config(command, argv))
+            code = code if isinstance(code, int) else 0
+            if code == 130:  # typer turns a KeyboardInterrupt inside a command into Exit(130)
+                raise Stop(2)
     except UserError as e:
-        print(f"peftlab: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     except Interrupted as e:
         print(f"peftlab: {e}; continue with the same command and --resume", file=sys.stderr)
         return e.exit_code
+    except (Stop, KeyboardInterrupt, typer.Abort) as e:
+        signum = e.signum if isinstance(e, Stop) else 2
+        print(f"peftlab: stopped by {'SIGTERM' if signum == 15 else 'Ctrl-C'}; {obj['kept']}", file=sys.stderr)
+        return 128 + signum
     except RunFailed as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 1
@@ -457,16 +545,43 @@ def main(argv=None) -> int:
     except click_errors.UsageError as e:
         sub = e.ctx.command.name if e.ctx and e.ctx.command.name not in (None, "", "peftlab") else ""
         hint = f" (see: peftlab {sub} --help)" if sub else " (see: peftlab --help)"
-        print(f"peftlab: error: {e.format_message()}{hint}", file=sys.stderr)
-        return 2
-    except (typer.Abort, KeyboardInterrupt):
-        print("peftlab: interrupted", file=sys.stderr)
-        return 130
+        return _error(f"{e.format_message()}{hint}")
+    except OSError as e:  # read-only, no space, not a folder...: the environment, not a bug
+        where = f" {e.filename}" if e.filename else ""
+        return _error(f"cannot use{where}: {e.strerror or e}")
+    except RecursionError:
+        return _error("an input is nested too deeply to read")
+    except Exception:  # noqa: BLE001  (the boundary: anything else is a bug of ours)
+        return _bug(argv if isinstance(argv, list) else [])
     finally:
         from . import distributed
 
         distributed.finish()
-    return 0
+    return code
+
+
+def _error(message) -> int:
+    print(f"peftlab: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _bug(argv: list) -> int:
+    """An exception no check foresaw: save the traceback, say it is a bug, exit 1."""
+    import tempfile
+    import traceback
+
+    from . import __version__
+
+    text = f"peftlab {__version__}\nargv: {argv}\n\n{traceback.format_exc()}"
+    try:
+        fd, path = tempfile.mkstemp(prefix="peftlab-crash-", suffix=".txt")
+        with open(fd, "w") as f:
+            f.write(text)
+    except OSError:
+        path = "(could not be saved)"
+    kind = sys.exc_info()[0].__name__
+    print(f"peftlab: internal error (a bug in peftlab, please report it): {kind}; traceback: {path}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

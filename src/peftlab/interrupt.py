@@ -6,6 +6,7 @@ code 128 + signal (143 for SIGTERM, 130 for SIGINT). A second Ctrl-C stops at on
 """
 
 import signal
+from contextlib import contextmanager
 import threading
 
 
@@ -46,3 +47,32 @@ class StopSignals:
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
+
+
+class Stop(BaseException):
+    """A signal asked the command to stop (outside a training loop). A BaseException, so no
+    `except Exception` on the way swallows it; the command line turns it into one line and
+    128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """While inside, SIGTERM and SIGINT raise `Stop` (the training loop installs its own
+    handlers on top, to stop at a step boundary). The previous handlers come back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Stop(signum)
+
+    old = {s: signal.signal(s, handle) for s in StopSignals.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

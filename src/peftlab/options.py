@@ -50,6 +50,8 @@ COMPILE = typer.Option(D.compile, "--compile/--no-compile",
                        help="torch.compile the decoder blocks: faster, leaner steps after a slow first one "
                             "(default: compile when the run is long enough to pay and a C++ compiler is present)")
 REPORT_TO = typer.Option("none", "--report-to", help="none | tensorboard: also log every step to TensorBoard (in the output folder)")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty --out (never one that is, holds or is inside an input)")
+FORCE_BASE = typer.Option(False, "--force-base", help="load an adapter even when its base fingerprint differs from --model (warned)")
 QUIET = typer.Option(False, "--quiet", help="no progress output")
 CONFIG = typer.Option(None, "--config", help="a TOML file holding any of this command's options (flags given here win)")
 
@@ -66,9 +68,12 @@ def at_least_zero(**values) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
 
 
-def out_folder(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; give a folder (it is created if missing)")
+SEED_MAX = 2**32 - 1  # what every generator peftlab seeds (torch, numpy, Python) accepts
+
+
+def seed(value: int) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"--seed must be between 0 and {SEED_MAX}, got {value}")
 
 
 def run_config(command, argv: list[str]) -> dict | None:

@@ -47,3 +47,14 @@ def storage_bytes(model) -> int:
         if isinstance(scb, torch.Tensor):
             total += scb.numel() * scb.element_size()
     return total
+
+
+def all_finite(model, what: str) -> None:
+    """Refuse to write or run a model holding NaN or Inf anywhere (base and added tensors)."""
+    import torch
+
+    from .errors import UserError
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{what}: tensor {name} holds NaN or Inf; refusing to use it")

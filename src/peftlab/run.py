@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifacts, data, methods, models
+from .errors import UserError
+from .params import all_finite
 from .progress import phase
 from .train import TrainConfig, train
 
@@ -37,9 +39,20 @@ def load(model: str, data_name: str, cfg: TrainConfig, show: bool = True, **data
     """Load the base (seeded by cfg.seed) and cut `data_name` into cfg.seq_len blocks."""
     with phase(f"loading {model}", show):
         loaded = models.load(model, seed=cfg.seed)
+    all_finite(loaded.model, f"model {model}")
     with phase(f"reading {data_name}", show):
         blocks = data.load_blocks(loaded, data_name, cfg.seq_len, **data_options)
+    check_batch(blocks, cfg.batch_size, data_name)
     return Run(model, data_name, cfg, loaded, blocks)
+
+
+def check_batch(blocks, batch_size: int, data_name: str) -> None:
+    """A batch is drawn from the training blocks: more rows than there are blocks cannot be
+    what the user meant (and would train smaller batches than run.json records)."""
+    n = len(blocks.train_ids)
+    if batch_size > n:
+        raise UserError(f"--batch-size {batch_size} is more than the {n} training blocks of {data_name} at "
+                        f"--seq-len {blocks.train_ids.shape[1]}; use --batch-size {n} or less, or give more data")
 
 
 def prepare(r: Run, strategy: str) -> Run:

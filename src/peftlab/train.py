@@ -281,6 +281,9 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         if uncompile:
             uncompile()
     model.eval()
+    if skipped and skipped >= cfg.steps:  # a run that learned nothing is not a success
+        raise NonFinite(f"every one of the {cfg.steps} steps had a non-finite loss or gradient and was skipped; "
+                        "nothing was learned and no adapter was written. Lower --lr, check the model's weights and the data")
     return records
 
 

@@ -9,6 +9,7 @@ resumes where it stopped.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import write_json
+from ..interrupt import Stop
+from ..outputs import lock
 from ..methods import parse_strategy
 from ..report_to import replay
 from ..spec import split_lr
@@ -30,8 +33,10 @@ def slug(spec: str) -> str:
 
 def compare(model: str, data: str, strategies: list, out: Path, config: TrainConfig, forget: str | None = "auto",
             samples: int = 3, gen_tokens: int = 48, prompt_tokens: int = 16, show: bool = True, log=print,
-            data_options: dict | None = None, report_to: str = "none") -> dict:
-    """Run every strategy (resuming finished ones), then write results.json, summary.md, report.html."""
+            data_options: dict | None = None, report_to: str = "none", overwrite: bool = False) -> dict:
+    """Run every strategy (resuming finished ones), then write results.json, summary.md, report.html.
+
+    A finished strategy run with other settings is replaced only with `overwrite`."""
     from .report import write_report
 
     if not strategies:
@@ -55,22 +60,25 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
         if data_options and any(v is not None for v in data_options.values()):
             job["data_options"] = data_options
         done = folder / "result.json"
-        if done.exists() and (folder / "job.json").exists() and _same_job(json.loads((folder / "job.json").read_text()), job):
+        saved = json.loads((folder / "job.json").read_text()) if (folder / "job.json").is_file() else None
+        if done.exists() and saved is not None and _same_job(saved, job):
             log(f"[{i}/{len(jobs)}] {entry}: already done, reusing {done}")
             results.append(json.loads(done.read_text()))
             if report_to != "none" and not Path(job["tensorboard"]).exists():  # logged from its metrics instead
                 replay(report_to, folder / "metrics.jsonl", Path(job["tensorboard"]))
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        done.unlink(missing_ok=True)
-        write_json(folder / "job.json", job)
-        log(f"[{i}/{len(jobs)}] {entry}")
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        proc = subprocess.run([sys.executable, "-m", "peftlab.workbench.worker", str(folder / "job.json")],
-                              stderr=subprocess.PIPE, text=True, env=env)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            last = lines[-1] if lines else f"exit code {proc.returncode}"
+        if done.exists() and not overwrite:
+            raise UserError(f"{out} already holds strategy '{entry}' run with other settings; add --overwrite to "
+                            "replace it, or choose another --out")
+        with lock(folder, flag=f"the strategy folder of '{entry}' in") as held:
+            folder.mkdir(parents=True, exist_ok=True)
+            done.unlink(missing_ok=True)
+            write_json(folder / "job.json", job)
+            log(f"[{i}/{len(jobs)}] {entry}")
+            code, last = _work(folder / "job.json", held)
+        if code in (130, 143):
+            raise Stop(code - 128)
+        if code != 0:
             raise UserError(f"strategy '{entry}' failed: {last.removeprefix('peftlab: error: ')}")
         results.append(json.loads(done.read_text()))
     digests = {r["initial_weights_sha256"] for r in results}
@@ -79,6 +87,37 @@ def compare(model: str, data: str, strategies: list, out: Path, config: TrainCon
     write_json(out / "results.json", summary)
     write_report(summary, out)
     return summary
+
+
+def _work(job: Path, lock_fd: int) -> tuple[int, str]:
+    """Run one worker in its own process group, holding the strategy folder's lock with us;
+    a signal to `compare` is passed on to it, and it dies with us (PR_SET_PDEATHSIG) rather
+    than train on as an orphan. Returns (exit code, its last stderr line)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.workbench.worker", str(job)], stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, pass_fds=(lock_fd,), preexec_fn=_die_with_parent)
+    try:
+        _, err = proc.communicate()
+    except BaseException as e:  # Stop (SIGTERM/SIGINT), KeyboardInterrupt: pass it on, wait for the checkpoint
+        signum = getattr(e, "signum", signal.SIGINT)
+        try:
+            os.killpg(proc.pid, signum)
+            proc.wait(timeout=120)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            proc.kill()
+        raise
+    lines = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
+    return proc.returncode, lines[-1] if lines else f"exit code {proc.returncode}"
+
+
+def _die_with_parent():
+    """In the child, before exec: ask Linux for SIGTERM when the parent dies (elsewhere: nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 DISPLAY_ONLY = {"show", "report_to", "tensorboard"}  # what changes the output shown, not what is measured

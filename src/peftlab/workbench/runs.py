@@ -25,6 +25,23 @@ def _read_json(path: Path):
         raise UserError(f"{path} is not readable JSON ({e})") from None
 
 
+def _jsonl(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a damaged line (a run killed mid-write, two writers, NUL
+    bytes) is one error naming the line."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} is damaged at line {n} (not a JSON object); this run's metrics cannot be reported")
+        out.append(record)
+    return out
+
+
 def _comparison(folder: Path) -> tuple[dict, list[dict]]:
     summary = _read_json(folder / "results.json")
     entries = []
@@ -40,7 +57,7 @@ def _train_run(folder: Path) -> tuple[dict, list[dict]]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} is missing")
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = _jsonl(path)
     steps = [r for r in records if "step_time" in r]
     times = [r["step_time"] for r in steps]
     entry = {
@@ -64,11 +81,16 @@ def collect(folders: list, allow_mixed: bool = False) -> dict:
     meta, entries = [], []
     for folder in map(Path, folders):
         if (folder / "results.json").is_file():
-            m, e = _comparison(folder)
+            file, read = folder / "results.json", _comparison
         elif (folder / "run.json").is_file():
-            m, e = _train_run(folder)
+            file, read = folder / "run.json", _train_run
         else:
             raise UserError(f"{folder} is neither a comparison (results.json) nor a train run (run.json)")
+        try:
+            m, e = read(folder)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
+            what = f"'{err.args[0]}'" if isinstance(err, KeyError) else "the fields peftlab writes"
+            raise UserError(f"{file} lacks {what}; is it a finished peftlab run?") from None
         meta.append((folder, m))
         prefix = f"{folder.name}: " if len(folders) > 1 else ""
         entries += [x | {"label": prefix + x["label"]} for x in e]

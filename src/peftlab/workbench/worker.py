@@ -117,16 +117,25 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run JOB.json; the `compare` that started this process holds the strategy folder's lock
+    (this process inherits it, so an orphaned worker still keeps a rerun out)."""
     from ..errors import UserError
+    from ..interrupt import Interrupted, Stop, stop_on_signals
 
     job_path = Path((argv or sys.argv[1:])[0])
-    job = json.loads(job_path.read_text())
     try:
-        result = run(job, job_path.parent, show=job.get("show", True))
+        with stop_on_signals():
+            job = json.loads(job_path.read_text())
+            result = run(job, job_path.parent, show=job.get("show", True))
+            write_json(job_path.parent / "result.json", result)
     except UserError as e:
-        print(f"peftlab: error: {e}", file=sys.stderr)
+        print(f"peftlab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    write_json(job_path.parent / "result.json", result)
+    except Interrupted as e:
+        print(f"peftlab: {e}", file=sys.stderr)
+        return e.exit_code
+    except Stop as e:
+        return 128 + e.signum
     return 0
 
 
