@@ -296,6 +296,7 @@ def generate(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     model: str = o.MODEL, data: str = o.DATA, strategy: List[str] = o.STRATEGIES,
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder: report.html, results.json, summary.md"),
     text_column: Optional[str] = o.TEXT_COLUMN, system: Optional[str] = o.SYSTEM,
@@ -340,7 +341,7 @@ def compare(
         cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
                           grad_accum=grad_accum, eval_every=eval_every, warmup=warmup, grad_checkpoint=grad_checkpoint,
                           compile=compile, base_precision=base_precision, master_weights=master_weights)
-        typer.get_current_context().obj["kept"] = f"finished strategies in {out_dir} are kept: rerun the same command to continue"
+        ctx.obj["kept"] = f"finished strategies in {out_dir} are kept: rerun the same command to continue"
         summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                               samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
                               data_options={"text_column": text_column, "system": system}, report_to=report_to,

@@ -11,6 +11,8 @@ fp32 linear layer (with a warning).
 
 import warnings
 
+from .fingerprint import forget_base
+
 import torch
 import torch.nn as nn
 
@@ -103,6 +105,7 @@ def merge_and_unload(model, dequantize: bool = False):
     for _, host, slot in list(attached(model)):
         detach(host, slot.key)
     model.__dict__.pop("_peftlab_originals", None)
+    forget_base(model)  # the merged weights are a new base: an adapter trained on it records them
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -133,8 +133,8 @@ def lock(path, flag: str = "--out"):
 
 @contextmanager
 def claim(path, **policy):
-    """`check` then `lock` (then `check` again: the state may have changed while unlocked)."""
-    check(path, **policy)
+    """`lock`, then `check`: a folder another process is writing is refused as in use (the
+    more useful of the two messages), and nothing changes between the check and the write."""
     with lock(path, policy.get("flag", "--out")):
         yield check(path, **policy)
 

@@ -2,7 +2,8 @@
 
 A strategy that HF PEFT can express (one LoRA/DoRA/rsLoRA, prompt or prefix step) is saved
 in peft's format, so the ecosystem loads it unchanged; everything else in peftlab's own
-format (`native`). Writes go to a temporary folder renamed into place: a crash never leaves
+format (`native`). Both record the fingerprint of the base the adapter was trained on, and
+loading checks it. Writes go to a temporary folder renamed into place: a crash never leaves
 half an adapter.
 """
 
@@ -48,12 +49,16 @@ def kind(folder) -> str:
     raise UserError(f"{folder} is not an adapter folder (no {hf.CONFIG} or {native.CONFIG})")
 
 
-def load(model, folder, name: str = "default", tokenizer=None):
-    """Load the adapter in `folder` into `model` as `name`; return the `Prepared` strategy."""
+def load(model, folder, name: str = "default", tokenizer=None, force_base: bool = False):
+    """Load the adapter in `folder` into `model` as `name`; return the `Prepared` strategy.
+
+    The base the adapter was trained on must be `model`'s (peftlab.fingerprint): another base
+    is refused, or with `force_base` loaded with a warning. NaN or Inf anywhere in the adapter
+    (tensors or config) is refused."""
     check_name(name)
     if kind(folder) == "peft":
-        return hf.load(model, Path(folder), name)
-    return native.load(model, Path(folder), name, tokenizer)
+        return hf.load(model, Path(folder), name, force_base=force_base)
+    return native.load(model, Path(folder), name, tokenizer, force_base=force_base)
 
 
 def size_on_disk(folder) -> int:

@@ -7,20 +7,28 @@ prefix tuning, and whatever other method files add.
 
 Folders written here load with `peft.PeftModel.from_pretrained`, and folders peft wrote load
 here; both give the same logits. This file never names a method: the codecs do.
+
+The tensors file's metadata carries what peft has no field for: peftlab's name for the base
+(`peftlab_base_model`) and the fingerprint of the base it was trained on
+(`peftlab_base_fingerprint`, JSON; peft ignores it). Loading checks that fingerprint, refuses
+NaN or Inf in the tensors or the config, and checks the type of every field the codecs read.
 """
 
+import json
 from pathlib import Path
 
+from .. import fingerprint
 from ..errors import UserError
 from ..methods import REGISTRY, prepare
 from ..methods.attach import attached
 from ..methods.registry import companions, peft_reader
 from ..spec import Step
-from .io import read_json, read_tensors, write_tensors
+from .io import read_json, read_metadata, read_tensors, refuse_nonfinite, refuse_nonfinite_json, write_tensors
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FINGERPRINT = "peftlab_base_fingerprint"  # key in the tensors file's metadata
 # Keys peft 0.21 writes across its configs; anything else draws a warning and is ignored.
 KNOWN = {
     "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
@@ -101,9 +109,11 @@ def save(model, steps: list, folder: Path, name: str = "default", base_model: st
         if step is not main:
             config = _merged(config, _codec(step).inside(model, step, _hosts(model, name, step)))
     tensors = _tensors(model, steps, name)
+    metadata = {FINGERPRINT: json.dumps(fingerprint.of_base(model), separators=(",", ":"))}
+    if base_model:
+        metadata["peftlab_base_model"] = base_model
     # clones: one tensor may stand under two names (tied layers), which safetensors refuses
-    write_tensors(folder / TENSORS, {k: v.detach().float().clone() for k, v in tensors.items()},
-                  metadata={"peftlab_base_model": base_model} if base_model else None)
+    write_tensors(folder / TENSORS, {k: v.detach().float().clone() for k, v in tensors.items()}, metadata=metadata)
     write_json(folder / CONFIG, config)
 
 
@@ -121,8 +131,37 @@ def _merged(config: dict, fields: dict) -> dict:
     return out
 
 
+_INT = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+_NUMBER = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+# Fields the codecs read, with the type peft gives them: anything else is one error naming the key.
+FIELDS = {
+    "peft_type": (lambda v: isinstance(v, str), "a string such as \"LORA\""),
+    "r": (lambda v: _INT(v) and v >= 0, "a non-negative integer"),
+    "lora_alpha": (_NUMBER, "a number"),
+    "alpha": (_NUMBER, "a number"),
+    "lora_dropout": (_NUMBER, "a number"),
+    "num_virtual_tokens": (lambda v: _INT(v) and v > 0, "a positive integer"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                       "a regex string, \"all-linear\" or a list of module names"),
+    "layers_to_transform": (lambda v: v is None or (_INT(v) and v >= 0) or (isinstance(v, list) and all(_INT(i) and i >= 0 for i in v)),
+                            "a block index or a list of block indices"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_INT(r) and r > 0 for r in v.values())),
+                     "an object mapping module patterns to positive integer ranks"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_NUMBER(a) for a in v.values())),
+                      "an object mapping module patterns to numbers"),
+}
+
+
+def check_fields(config: dict, where: Path) -> None:
+    """A field of the wrong type (target_modules: 5) is one error naming the file and the key."""
+    for key, (ok, expected) in FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise UserError(f"{where}: {key} is {json.dumps(config[key])[:80]}; it should be {expected}")
+
+
 def steps_of(config: dict, where: Path) -> list:
     """The peftlab steps equivalent to a peft adapter_config.json."""
+    check_fields(config, where)
     kind = config["peft_type"]
     codec = peft_reader(kind)
     if codec is None:
@@ -135,15 +174,37 @@ def steps_of(config: dict, where: Path) -> list:
     return steps
 
 
-def load(model, folder: Path, name: str = "default"):
-    """Load a peft-format folder into `model` as adapter `name`; return `Prepared`."""
+def base_fingerprint(path: Path) -> dict:
+    """The base fingerprint in a tensors file's metadata ({} when it has none: peft wrote it)."""
+    text = read_metadata(path).get(FINGERPRINT)
+    if text is None:
+        return {}
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: metadata {FINGERPRINT} is not valid JSON ({e})") from None
+    refuse_nonfinite_json(path, saved, f"metadata {FINGERPRINT}")
+    return fingerprint.checked(saved, path)
+
+
+def load(model, folder: Path, name: str = "default", force_base: bool = False):
+    """Load a peft-format folder into `model` as adapter `name`; return `Prepared`
+    (`force_base`: a base other than the adapter's is a warning, not an error)."""
     folder = Path(folder)
     config = read_json(folder / CONFIG, required=("peft_type",), known=KNOWN)
+    refuse_nonfinite_json(folder / CONFIG, config)
     tensors = read_tensors(folder / TENSORS)
+    refuse_nonfinite(folder / TENSORS, tensors)
     try:
         steps = steps_of(config, folder / CONFIG)
     except KeyError as e:
         raise UserError(f"{folder / CONFIG} lacks the required key {e}") from None
+    saved = base_fingerprint(folder / TENSORS)
+    # a base of the same layout is checked before anything changes; one of another layout after
+    # `prepare`, whose errors below say where the layouts part
+    early = all(n in fingerprint.record(model) for n in saved)
+    if early:
+        fingerprint.check(model, saved, folder, force=force_base)
     steps = [Step(s.method, s.options | {"name": name}) if "name" in REGISTRY[s.method].options else s for s in steps]
     prepared = prepare(model, "/".join(map(str, steps)))
     for key in list(tensors):  # older peft wrote the magnitude with a '.weight' suffix
@@ -155,8 +216,11 @@ def load(model, folder: Path, name: str = "default"):
             raise UserError(f"{folder / TENSORS} lacks tensor {key}")
         if tensors[key].shape != target.shape:
             raise UserError(f"{folder / TENSORS}: {key} has shape {tuple(tensors[key].shape)}, this base needs {tuple(target.shape)}")
-        target.data.copy_(tensors[key].to(target.dtype))
     extra = sorted(set(tensors) - set(wanted))
     if extra:
         raise UserError(f"{folder / TENSORS}: tensor {extra[0]} has no place in this model; was it trained on another base?")
+    if not early:
+        fingerprint.check(model, saved, folder, force=force_base)  # taken before `prepare` changed anything
+    for key, target in wanted.items():
+        target.data.copy_(tensors[key].to(target.dtype))
     return prepared

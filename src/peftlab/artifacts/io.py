@@ -1,10 +1,13 @@
 """Careful reading and writing of adapter folders.
 
 Safetensors only (never pickle). Every problem with a file becomes one UserError line that
-names the file. Adapter names are checked so that no name can reach outside its folder.
+names the file; NaN and Inf are refused in adapters' tensors and configs (`refuse_nonfinite*`).
+Adapter names are checked so that no name can reach outside its folder. Base fingerprints live
+in peftlab.fingerprint.
 """
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..fingerprint import fingerprint  # noqa: F401  (re-exported: train.run_identity)
 from ..methods.attach import check_name  # noqa: F401  (re-exported)
+
 
 def read_json(path: Path, required: tuple = (), known: set | None = None) -> dict:
     """Read a config; missing required keys are errors, unknown keys only a warning."""
@@ -45,6 +50,37 @@ def read_tensors(path: Path) -> dict:
         raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
+def read_metadata(path: Path) -> dict:
+    """A safetensors file's metadata (str -> str); call after `read_tensors` read the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def refuse_nonfinite(path: Path, tensors: dict) -> None:
+    """An adapter tensor holding NaN or Inf is one error naming the file and the tensor."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path}: tensor {k} holds NaN or Inf; refusing to load a broken adapter")
+
+
+def refuse_nonfinite_json(path: Path, data, key: str = "") -> None:
+    """A config number that is NaN or ±Infinity (Python's json reads them) is one error naming
+    the file and the key."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise UserError(f"{path}: {key or 'the config'} is {data}, not a finite number; refusing to load a broken adapter")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            refuse_nonfinite_json(path, v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            refuse_nonfinite_json(path, v, f"{key}[{i}]")
+
+
 def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     """Write an adapter's tensors, refusing an empty or non-finite one, and read the file back
     to check it holds every tensor whole (a sharded run must never leave empty placeholders)."""
@@ -63,33 +99,3 @@ def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> No
         written = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if written != {k: tuple(v.shape) for k, v in tensors.items()}:
         raise UserError(f"{path} does not hold what was written; refusing to publish it")
-
-
-def fingerprint(model, skip: set) -> dict:
-    """Per frozen floating tensor: its shape and the sum of 16 evenly spaced entries.
-
-    Cheap (no full pass over the weights) yet enough to tell one base from another; compared
-    with a tolerance so a base kept in bf16 still matches its fp32 self.
-    """
-    out = {}
-    for name, p in model.named_parameters():
-        if name in skip or not p.is_floating_point() or p.device.type == "meta":
-            continue
-        flat = p.detach().reshape(-1)
-        k = min(16, flat.numel())
-        idx = torch.arange(k) * (flat.numel() - 1) // max(1, k - 1)
-        out[name] = [list(p.shape), float(flat[idx].double().sum())]
-    return out
-
-
-def check_fingerprint(model, saved: dict, skip: set, where: Path) -> None:
-    """Refuse a base whose shapes or sampled values differ; name the first offending tensor."""
-    mine = fingerprint(model, skip)
-    for name, (shape, checksum) in saved.items():
-        if name not in mine:
-            raise UserError(f"{where}: the base model has no tensor {name}; this adapter was made for another model")
-        my_shape, my_sum = mine[name]
-        if my_shape != shape:
-            raise UserError(f"{where}: base tensor {name} has shape {tuple(my_shape)}, the adapter expects {tuple(shape)}")
-        if abs(my_sum - checksum) > 1e-2 * (abs(my_sum) + abs(checksum)) + 1e-3:
-            raise UserError(f"{where}: base tensor {name} differs from the base this adapter was trained on")

@@ -6,8 +6,10 @@ adapters, freeze / targeted / bitfit deltas, schedules, stacks, PiSSA):
                              "base_model": "...", "fingerprint": {tensor: [shape, checksum]}}
       adapter.safetensors   only the tensors the strategy trained
 
-Loading re-applies the strategy to the base, refuses a base whose shapes or sampled values
-differ (naming the first offending tensor), then copies the trained tensors in. Base tensors
+The fingerprint is the base's as it was before training (peftlab.fingerprint), the tensors a
+full or freeze strategy trained included. Loading refuses a base whose shapes or sampled values
+differ (naming the first offending tensor; `force_base` only warns) and NaN or Inf anywhere,
+re-applies the strategy to the base, then copies the trained tensors in. Base tensors
 that a freeze strategy trained overwrite the base's; their originals are kept so that
 `merge.unmerge` can restore them.
 """
@@ -17,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from .. import fingerprint
 from ..errors import UserError
 from ..methods import REGISTRY, parse_strategy, prepare, trainable_parameters
 from ..methods.attach import attached
 from ..models import reference
 from ..spec import Step
-from .io import check_fingerprint, fingerprint, read_json, read_tensors, write_tensors
+from .io import read_json, read_tensors, refuse_nonfinite, refuse_nonfinite_json, write_tensors
 
 CONFIG = "peftlab_config.json"
 TENSORS = "adapter.safetensors"
@@ -77,7 +80,7 @@ def save(model, prepared, folder: Path, base_model: str = "", extra: dict | None
         "format": "peftlab", "version": 1, "strategy": "/".join(map(str, steps)),
         "architecture": model.config.model_type, "base_model": base_model,
         "base_model_name_or_path": reference(base_model) if base_model else None,
-        "fingerprint": fingerprint(model, set(tensors) | _added_names(model)), **(extra or {}),
+        "fingerprint": fingerprint.of_base(model, set(tensors)), **(extra or {}),
     })
 
 
@@ -87,23 +90,29 @@ def _added_names(model) -> set:
     return {n for n, w in where(model).items() if w.component == "added"}
 
 
-def load(model, folder: Path, name: str = "default", tokenizer=None):
-    """Apply the saved strategy to `model` under adapter name `name` and load its tensors."""
+def load(model, folder: Path, name: str = "default", tokenizer=None, force_base: bool = False):
+    """Apply the saved strategy to `model` under adapter name `name` and load its tensors
+    (`force_base`: a base other than the adapter's is a warning, not an error)."""
     folder = Path(folder)
     config = read_json(folder / CONFIG, required=("format", "strategy"), known=KNOWN)
+    refuse_nonfinite_json(folder / CONFIG, config)
     if config["format"] != "peftlab":
         raise UserError(f"{folder / CONFIG}: format is '{config['format']}', expected 'peftlab'")
+    if not isinstance(config["strategy"], str):
+        raise UserError(f"{folder / CONFIG}: strategy should be a string such as 'freeze:train=mlp', not {config['strategy']!r}")
     if config.get("architecture") not in (None, model.config.model_type):
         raise UserError(f"{folder}: made for a {config['architecture']} model, this base is {model.config.model_type}")
     tensors = read_tensors(folder / TENSORS)
+    refuse_nonfinite(folder / TENSORS, tensors)
     steps = parse_strategy(config["strategy"])
+    saved = fingerprint.checked(config.get("fingerprint") or {}, folder / CONFIG)
+    fingerprint.check(model, saved, folder, force=force_base)
     old = next((s.options.get("name", "default") for s in steps if "name" in REGISTRY[s.method].options), "default")
     steps = renamed(steps, name)
     prepared = prepare(model, "/".join(map(str, steps)), tokenizer)
     slots = {slot.key for _, _, slot in attached(model)}
     tensors = {rename_tensor(k, old, name, slots): v for k, v in tensors.items()} if slots else tensors
     added = _added_names(model)
-    check_fingerprint(model, config.get("fingerprint", {}), set(tensors) | added, folder)
     params = dict(model.named_parameters())
     expected = trained_tensors(model, prepared)
     missing = [n for n in expected if n not in tensors]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from ..errors import UserError
+from ..fingerprint import record as record_base
 from ..spec import Step, parse
 from .protocol import Added
 from .registry import REGISTRY, Method, discover, register  # noqa: F401  (the package's face)
@@ -38,12 +39,15 @@ def parse_strategy(spec: str) -> list[Step]:
 def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
     """Apply strategy `spec` to `model` in place: freeze everything, then apply each method.
 
-    `tokenizer` reaches methods that ask for it (prompt tuning's text init).
+    `tokenizer` reaches methods that ask for it (prompt tuning's text init). The first call on
+    a model records its base fingerprint (peftlab.fingerprint), before anything changes it.
     """
     steps = parse_strategy(spec)
+    record_base(model)
     for p in model.parameters():
         p.requires_grad_(False)
     prepared = Prepared(steps)
+    places = {}  # (host path, slot) -> the step whose module sits there (see _one_step_per_place)
     for step in steps:
         method = REGISTRY[step.method]
         opts = {k: o.default for k, o in method.options.items()} | step.options
@@ -54,11 +58,29 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
         for m in model.modules():
             if isinstance(m, Added) and id(m) not in before:
                 m.method = step.method  # which step made it: the peft codec of that step saves it
+        _one_step_per_place(model, step, before, places)
         for at, names in (schedule or {}).items():
             prepared.unfreeze_at.setdefault(at, []).extend(names)
     if not trainable_parameters(model) and 0 not in prepared.unfreeze_at:
         raise UserError(f"strategy '{spec}' leaves nothing to train on this model")
     return prepared
+
+
+def _one_step_per_place(model: nn.Module, step: Step, before: set, places: dict) -> None:
+    """Refuse a step that puts a module where an earlier step of the same strategy put one:
+    same layer, same kind of module (lora then dora: both LoRA deltas). Under one adapter name
+    the second silently replaced the first; under two, the strategy could not be saved and
+    loaded back (a saved strategy holds one adapter name)."""
+    from .attach import attached
+
+    for host, _, slot in attached(model):
+        for child in slot.values():
+            if id(child) in before:
+                continue
+            earlier = places.setdefault((host, slot.key), step.method)
+            if earlier != step.method:
+                raise UserError(f"{earlier} and {step.method} both put a {slot.key} module on {host}; a strategy holds one "
+                                f"of them per layer (keep one step, or train them as separate adapters)")
 
 
 def lr_scales(model: nn.Module) -> dict:
