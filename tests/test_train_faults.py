@@ -29,8 +29,12 @@ def test_bad_numbers_are_one_line_before_anything_is_written(cli, text_file, tmp
 
 
 def test_out_naming_a_file_is_refused(cli, text_file, tmp_path):
-    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "--steps", 2, "-o", text_file)
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "--steps", 2, "-o", other)
     assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "--steps", 2, "-o", text_file)
+    assert code == 2 and "is the input" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_diverging_run_stops_naming_the_step_and_writes_no_adapter(cli, text_file, tmp_path):
@@ -43,14 +47,25 @@ def test_a_diverging_run_stops_naming_the_step_and_writes_no_adapter(cli, text_f
 
 
 def test_skip_nonfinite_skips_and_counts(cli, text_file, tmp_path):
+    """Each skipped step is counted (its non-finite numbers as null); a run whose every step was
+    skipped learned nothing: one line, exit 2, no adapter and no run folder left."""
     code, _, err = cli("train", "-m", "tiny-llama", "-d", text_file, "-s", "lora:r=4,alpha=1e30", "--steps", 3,
                        "--seq-len", 32, "--quiet", "-o", tmp_path / "run", "--skip-nonfinite")
-    assert code == 0, err
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert code == 2 and "every one of the 3 steps had a non-finite loss" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    from peftlab import TrainConfig, load_blocks, load_model, prepare, train
+    from peftlab.train import NonFinite
+
+    loaded = load_model("tiny-llama")
+    prepared = prepare(loaded.model, "lora:r=4,alpha=1e30")
+    seen = []
+    with pytest.raises(NonFinite):
+        train(loaded.model, load_blocks(loaded, str(text_file), 32), prepared,
+              TrainConfig(steps=3, skip_nonfinite=True), out=tmp_path / "api", show=False, on_record=seen.append)
+    assert [r.get("skipped_total") for r in seen[1:]] == [1, 2, 3]
+    lines = (tmp_path / "api" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(ln, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for ln in lines]
-    assert [r.get("skipped_total") for r in records[1:]] == [1, 2, 3]
     assert all(r["grad_norm"] is None for r in records[1:])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["result"]["skipped_steps"] == 3
 
 
 def test_an_adapter_with_a_non_finite_tensor_is_never_written(tmp_path):

@@ -72,9 +72,24 @@ ASSETS = {
 }
 
 
-def cache_dir() -> Path:
-    """The cache folder: `$PEFTLAB_CACHE` or `~/.cache/peftlab`."""
-    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+def cache_dir(write: bool = False) -> Path:
+    """The cache folder: `$PEFTLAB_CACHE` or `~/.cache/peftlab`.
+
+    A path that is a file is one UserError naming the variable; with `write`, so is a folder
+    that cannot be made or written to (checked before anything is downloaded)."""
+    env = os.environ.get("PEFTLAB_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "peftlab"
+    named = f"PEFTLAB_CACHE={env}" if env else f"the cache folder {path}"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{named} is a file, not a folder; point PEFTLAB_CACHE at a folder peftlab can write to")
+    if write:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise UserError(f"cannot write to {named} ({e.strerror or e}); point PEFTLAB_CACHE at a folder peftlab "
+                            "can write to") from None
+    return path
 
 
 def asset_path(name: str) -> Path:
@@ -136,6 +151,15 @@ def fetch(name: str, log=print) -> Path:
     if target.exists() and sha256_of(target) == asset.sha256:
         log(f"{name}: already in {folder}")
         return target
+    folder = cache_dir(write=True) / name
+    try:
+        return _fetch_into(asset, folder, target, log)
+    except OSError as e:  # the disk filled up, or the folder stopped being writable, mid-download
+        raise UserError(f"could not write {name} into {folder} ({e.strerror or e})") from None
+
+
+def _fetch_into(asset: Asset, folder: Path, target: Path, log) -> Path:
+    name = asset.name
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         tmp = Path(tmp)

@@ -7,25 +7,31 @@ tokenizer's chat template and only assistant tokens carry loss (labels are -100 
 text records and text files carry loss on every token. The held-out split is the tail of the
 token stream (a contiguous passage the model never trains on), and the batch order is a
 seeded permutation, so the same seed always sees the same batches.
+
+`load_blocks` refuses data a run cannot learn from: a --seq-len past the model's positions,
+blocks too short to hold a next-token target (T tokens predict T-1), chats with no assistant
+turn (every label -100), training or held-out blocks without a single target.
 """
 
 import hashlib
+import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import assets, records
-from .errors import UserError
+from . import assets, models, records
+from .errors import UserError, warn
 
 TEXT_ALIASES = ("moby-dick", "alice")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 ACCEPTED = (f"peftlab reads text ({' '.join(TEXT_SUFFIXES)}), records ({' '.join(records.SUFFIXES)}), "
             f"a folder of text files, a datasets save_to_disk folder, or one of: {', '.join(TEXT_ALIASES)}")
 IGNORE = -100
-FORMAT = 2  # bump when tokenization changes, so cached token files are not reused
+FORMAT = 3  # bump when tokenization changes, so cached token files are not reused
 
 
 def strip_gutenberg(text: str) -> str:
@@ -56,11 +62,23 @@ def read_text(source: str) -> list[str]:
     raise UserError(f"data not found: '{source}'; {ACCEPTED}")
 
 
-def render_chat(loaded, messages: list[dict], system: str | None = None) -> tuple[list[int], list[int]]:
+def render_chat(loaded, messages: list[dict], system: str | None = None,
+                where: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and labels that keep only the assistant turns.
 
     `system`: the system prompt for a conversation that has none (otherwise the chat
-    template's own default, if it has one, is what the model sees)."""
+    template's own default, if it has one, is what the model sees). `where` names the record
+    in the error raised when the chat template refuses the conversation."""
+    from jinja2 import TemplateError
+
+    try:
+        return _render_chat(loaded, messages, system)
+    except TemplateError as e:  # a template may refuse, e.g. roles that do not alternate
+        raise UserError(f"{where or 'a chat'}: the chat template of {loaded.name} refuses this conversation "
+                        f"({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__})") from None
+
+
+def _render_chat(loaded, messages: list[dict], system: str | None = None) -> tuple[list[int], list[int]]:
     tok = loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         raise UserError(f"the tokenizer of {loaded.name} has no chat template; use plain text data")
@@ -88,17 +106,22 @@ def tokenize(loaded, source: str, text_column: str | None = None, system: str | 
     if records.is_record_source(source):
         eos = loaded.tokenizer.eos_token_id
         ids, labels = [], []
-        for where, record in records.read(source):
+        rows = records.read(source)
+        for where, record in rows:
             kind, value = records.example(record, where, text_column)
             if kind == "chat":
-                i, lab = render_chat(loaded, value, system)
+                i, lab = render_chat(loaded, value, system, where)
+            elif not value.strip():  # an empty text record teaches nothing: skipped
+                continue
             else:  # a text record: every token learned, closed by EOS like a document
                 i = loaded.encode(value) + ([eos] if eos is not None else [])
                 lab = list(i)
             ids += i
             labels += lab
-        if not ids:
+        if not rows:
             raise UserError(f"{source} holds no records")
+        if not ids:
+            raise UserError(f"{source}: every record's text is empty; there is nothing to train on")
         return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     if text_column or system is not None:
         raise UserError(f"--text-column and --system apply to record files ({', '.join(records.SUFFIXES)}), not to '{source}'")
@@ -131,15 +154,28 @@ def cached_tokens(loaded, source: str, text_column: str | None = None, system: s
     h.update(json.dumps([FORMAT, text_column, system]).encode())
     h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode()[:1_000_000])
     cache = assets.cache_dir() / "tokens" / f"{h.hexdigest()[:24]}.npz"
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return z["ids"], (z["labels"] if "labels" in z else None)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return z["ids"], (z["labels"] if "labels" in z.files else None)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache file: tokenize again and replace it
     ids, labels = tokenize(loaded, source, text_column, system)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=ids, **({"labels": labels} if labels is not None else {}))
-    tmp.replace(cache)
+    _store(cache, ids, labels)
     return ids, labels
+
+
+def _store(cache: Path, ids, labels) -> None:
+    """Keep the tokens for next time, through a temporary name; where the cache cannot be
+    written (a read-only folder, a full disk) the run goes on without it, after one warning."""
+    from .files import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids, **({"labels": labels} if labels is not None else {}))
+    try:
+        write_bytes(cache, buf.getvalue())
+    except OSError as e:
+        warn(f"could not write the token cache in {cache.parent} ({e.strerror or e}); going on without it")
 
 
 @dataclass
@@ -177,14 +213,31 @@ def load_blocks(loaded, source: str, seq_len: int, held_out: float = 0.05, max_h
     go on with it; the labels travel with the ids, so every token keeps its own loss mask."""
     if seq_len <= 0:
         raise UserError(f"--seq-len must be a positive number of tokens, got {seq_len}")
+    if seq_len < 2:
+        raise UserError(f"--seq-len {seq_len} leaves nothing to learn: the loss is next-token, so a block of T tokens "
+                        "has T-1 targets; use --seq-len 2 or more (e.g. 128)")
+    models.check_positions(loaded, seq_len, "--seq-len")
     ids, labels = cached_tokens(loaded, source, text_column, system)
+    if labels is not None and not (labels != IGNORE).any():
+        raise UserError(f"{source}: no record has an assistant turn, so no token carries loss (a chat learns only "
+                        "the assistant's replies); add {\"role\": \"assistant\", ...} messages, or give "
+                        "{\"text\": ...} records to learn every token")
     n = len(ids) // seq_len
     if n < 2:
+        fits = len(ids) // 2
         raise UserError(
             f"data '{source}' has {len(ids)} tokens, fewer than two blocks of --seq-len {seq_len} "
-            f"(one to train, one held out); give more text or a --seq-len below {max(1, len(ids) // 2)}"
+            f"(one to train, one held out); give more text" + (f" or a --seq-len of at most {fits}" if fits >= 2 else "")
         )
     ids = torch.from_numpy(ids[: n * seq_len].copy()).view(n, seq_len)
     labels = ids.clone() if labels is None else torch.from_numpy(labels[: n * seq_len].copy()).view(n, seq_len)
     n_held = min(max(1, round(n * held_out)), max_held, n - 1)
-    return Blocks(ids[:-n_held], labels[:-n_held], ids[-n_held:], labels[-n_held:], n * seq_len)
+    blocks = Blocks(ids[:-n_held], labels[:-n_held], ids[-n_held:], labels[-n_held:], n * seq_len)
+    for part, rows, what in (("training", blocks.train_labels, "nothing to learn"),
+                             ("held-out", blocks.held_labels, "no held-out loss to measure")):
+        if not (rows[:, 1:] != IGNORE).any():  # position t is predicted from t-1: a block's first label is no target
+            raise UserError(
+                f"data '{source}' in blocks of --seq-len {seq_len}: the {len(rows)} {part} blocks hold no assistant "
+                f"token after a block's first position, so there is {what}; give more records with assistant turns "
+                "(the held-out blocks are the end of the data) or another --seq-len")
+    return blocks
