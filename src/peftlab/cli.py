@@ -260,7 +260,7 @@ def generate(
 ):
     """Generate from the base model, or from each adapter side by side."""
     from . import artifacts, models, runtime
-    from .generate import generate as run
+    from .generate import check_length, generate as run
     from .params import all_finite
 
     o.positive(max_new_tokens=max_new_tokens)
@@ -278,6 +278,7 @@ def generate(
         return loaded
 
     loaded = ready(models.load(model))
+    check_length(loaded, prompt, max_new_tokens, chat)
     if not adapter:
         print(prompt + run(loaded, prompt, max_new_tokens, temperature, seed, chat))
         return

@@ -23,7 +23,7 @@ the folder instead of loading a base without its adapter.
 import os
 from pathlib import Path
 
-from . import artifacts, distributed
+from . import artifacts, distributed, outputs
 from .artifacts.io import write_tensors
 from .artifacts.native import trained_tensors
 from .methods import parameter_groups
@@ -69,8 +69,12 @@ def adapter_trainer(base: type) -> type:
 
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             folder = Path(output_dir or self.args.output_dir)
-            folder.mkdir(parents=True, exist_ok=True)
             model = self.accelerator.unwrap_model(self.model)
+            # The output policy: a Trainer keeps writing into its own output_dir (continuing its
+            # job), but never into or over the base model's folder.
+            outputs.check(folder, inputs=(getattr(model.config, "name_or_path", None),), continuing=True,
+                          flag="output_dir")
+            folder.mkdir(parents=True, exist_ok=True)
             save_for_trainer(model, self.peftlab_prepared, folder, self.peftlab_base_model)
 
     AdapterTrainer.__name__ = AdapterTrainer.__qualname__ = f"Adapter{base.__name__}"
