@@ -14,6 +14,7 @@ The world (built once per session, copied per case):
     {native} native/           a freeze:train=mlp adapter (peftlab format) on tiny-llama
     {run}    run/              a finished `train` run folder (run.json, metrics.jsonl, adapter/)
     {model}  model/            tiny-llama saved as a plain HF folder
+    {cmp}    cmp/              a finished comparison (strategy `full`, 2 steps)
     {tmp}    the world's root
 """
 
@@ -63,6 +64,10 @@ def build_world(root: Path) -> Path:
     code = main(["train", "-m", "tiny-llama", "-d", str(root / "text.txt"), "-s", "lora:r=4", "--steps", "2",
                  "--seq-len", "32", "-o", str(root / "run"), "--quiet"])
     assert code == 0, "the world's train run failed"
+    code = main(["compare", "-m", "tiny-llama", "-d", str(root / "text.txt"), "-s", "full", "--steps", "2",
+                 "--seq-len", "32", "-o", str(root / "cmp"), "--quiet", "--forget", "none", "--samples", "1",
+                 "--gen-tokens", "4"])
+    assert code == 0, "the world's comparison failed"
     m = load_model("tiny-llama")
     m.model.save_pretrained(root / "model")
     m.tokenizer.save_pretrained(root / "model")
@@ -80,7 +85,7 @@ def snapshot(root: Path) -> dict:
 
 def fill(argv: list, world: Path) -> list[str]:
     names = {"tmp": world, "text": world / "text.txt", "chat": world / "chat.jsonl", "lora": world / "lora",
-             "native": world / "native", "run": world / "run", "model": world / "model"}
+             "native": world / "native", "run": world / "run", "model": world / "model", "cmp": world / "cmp"}
     return [str(a).format(**{k: str(v) for k, v in names.items()}) for a in argv]
 
 

@@ -66,7 +66,6 @@ def nul_metrics(w):
 
 
 def results_without_strategies(w):
-    (w / "cmp").mkdir()
     (w / "cmp" / "results.json").write_text(json.dumps({"model": "tiny-llama", "data": "x"}))
 
 
@@ -124,7 +123,7 @@ CASES = [
          setup=truncate_metrics),
     Case("report-nul-bytes-in-metrics", ["report", "{run}", "-o", "{tmp}/r.html"], 2, r"damaged at line",
          setup=nul_metrics),
-    Case("report-results-without-strategies", ["report", "{tmp}/cmp", "-o", "{tmp}/r.html"], 2,
+    Case("report-results-without-strategies", ["report", "{cmp}", "-o", "{tmp}/r.html"], 2,
          r"results.json lacks 'strategies'", setup=results_without_strategies),
     Case("report-unfinished-run", ["report", "{tmp}/half", "-o", "{tmp}/r.html"], 2, r"unfinished train run",
          setup=unfinished_run),
@@ -137,6 +136,18 @@ CASES = [
     Case("export-out-is-a-folder", ["export", "-m", "tiny-llama", "-o", "{lora}"], 2, r"is a folder; give the file"),
     Case("bench-out-existing", ["bench", "-m", "tiny-llama", "-d", "{text}", "-o", "{tmp}/RESULTS.md"], 2,
          r"RESULTS.md already exists", setup=write("RESULTS.md", "old")),
+    Case("compare-other-settings-onto-a-comparison", ["compare", "-m", "tiny-llama", "-d", "{text}", "-s", "full",
+                                                      "--steps", "3", "--seq-len", "32", "-o", "{cmp}", "--quiet",
+                                                      "--forget", "none", "--samples", "1", "--gen-tokens", "4"], 2,
+         r"already holds strategy 'full' run with other settings; add --overwrite"),
+    Case("compare-out-inside-the-model", ["compare", "-m", "{model}", "-d", "{text}", "-s", "full", "-o", "{model}/c",
+                                          "--quiet"], 2, r"is inside the input"),
+    Case("report-out-inside-a-comparison", ["report", "{cmp}", "-o", "{cmp}/report.html", "--overwrite"], 2,
+         r"is inside the input"),
+    Case("generate-past-gpt2-positions", ["generate", "-m", "tiny-gpt2", "-p", "Hi", "--max-new-tokens", "100000"], 2,
+         r"and --max-new-tokens 100000 are more than tiny-gpt2's 512 positions; use --max-new-tokens 510 or less"),
+    Case("generate-prompt-past-positions", ["generate", "-m", "tiny-gpt2", "-p", "x" * 600], 2,
+         r"the prompt is 600 tokens, and tiny-gpt2 takes 512 positions"),
     # --- options
     Case("seed-2-to-the-64", TRAIN + ["-o", "{tmp}/o", "--seed", str(2**64)], 2, r"--seed must be between 0 and"),
     Case("seed-negative", TRAIN + ["-o", "{tmp}/o", "--seed", "-1"], 2, r"--seed must be between 0 and"),

@@ -156,3 +156,20 @@ def test_sigterm_to_compare_stops_its_worker(tmp_path):
     assert "stopped by SIGTERM" in proc.stderr.read()
     left = subprocess.run(["pgrep", "-f", f"peftlab.workbench.worker {out}"], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the worker outlived compare"
+
+
+def test_compare_never_runs_two_workers_on_one_strategy_folder(capsys, tmp_path):
+    """A worker orphaned by a killed compare still holds its strategy folder: a rerun is refused."""
+    from peftlab import outputs
+
+    text = tmp_path / "t.txt"
+    text.write_text("Call me Ishmael. " * 300)
+    out = tmp_path / "cmp"
+    (out / "strategies" / "full").mkdir(parents=True)
+    (out / "strategies" / "full" / "job.json").write_text("{}")  # what the running worker was given
+    with outputs.lock(out / "strategies" / "full"):
+        code, _, err = run(capsys, "compare", "-m", "tiny-llama", "-d", text, "-s", "full", "--steps", 1,
+                           "--seq-len", 32, "-o", out, "--quiet", "--forget", "none")
+    assert code == 2
+    assert re.search(r"strategy folder of 'full' in \S+ is in use by another peftlab process \(pid \d+\)", err)
+    assert sorted(p.name for p in out.rglob("*")) == ["full", "job.json", "strategies"]
