@@ -183,6 +183,7 @@ def test_stacks_on_different_layers_still_work():
     ("lora:r=4,rank_pattern=q_proj=100", r"lora: rank_pattern gives model\.layers\.0\.self_attn\.q_proj rank 100, larger than its 64 inputs"),
     ("dora:r=1000000", r"dora: r=1000000 is larger than"),
     ("loraplus:r=1000000", r"loraplus: r=1000000 is larger than"),
+    ("qlora:r=1000000", r"qlora: r=1000000 is larger than"),  # before the base is quantized
     ("lora:r=64,init=pissa", r"r must be ≤ 32"),
     ("loha:r=1000000", r"loha: r=1000000 is larger than v_proj's 32 outputs"),
     ("vera:r=1000000", r"vera: r=1000000 makes the shared projections A and B 128,000,000 values, more than the whole model"),

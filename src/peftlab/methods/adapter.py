@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..components import arch_of, blocks, num_layers, parse_layers
 from ..errors import UserError
-from ..spec import Option
+from ..spec import Option, clip
 from .registry import register
 from .attach import apply, attach
 from .protocol import Added
@@ -66,6 +66,9 @@ def adapter(model, r, reduction, placement, activation, layers, name, seed):
         r = max(1, d // reduction)
     if r <= 0:
         raise UserError(f"adapter: r must be a positive size, got {r}")
+    if r > d:  # a bottleneck wider than h adds parameters, not capacity (and r = 10⁶ allocates gigabytes)
+        raise UserError(f"adapter: r={clip(r)} is larger than the hidden size {d}; a bottleneck must be ≤ {d} "
+                        f"(e.g. r={max(1, d // 16)})")
     arch = arch_of(model)
     span = parse_layers(layers, num_layers(model)) if layers else range(num_layers(model))
     device = next(model.parameters()).device

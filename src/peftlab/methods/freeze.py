@@ -7,11 +7,9 @@ parameter names refine the choice. Two presets reproduce published studies:
 `freeze-attention` (train MLP + norms) and `targeted-qkv` (W_Q, W_K, W_V of blocks >= 6).
 """
 
-import re
-
 from ..components import arch_of, check_component, matches, num_layers, parse_layers, where
 from ..errors import UserError
-from ..spec import Option
+from ..spec import Option, user_regex
 from .registry import register
 
 
@@ -23,11 +21,8 @@ def select(model, train=(), layers=None, include=None, exclude=None) -> list[str
     if arch_of(model).proj.get("c_attn") == "qkv" and wanted_qkv and wanted_qkv != {"q", "k", "v"}:
         raise UserError(f"{model.config.model_type} fuses q, k and v in one matrix; train q+k+v together or 'attention'")
     span = parse_layers(layers, num_layers(model)) if layers else None
-    try:
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise UserError(f"bad regular expression: {e}") from None
+    inc = user_regex(include, "freeze: include") if include else None
+    exc = user_regex(exclude, "freeze: exclude") if exclude else None
     picked = []
     for name, w in where(model).items():
         if w.component == "added":
@@ -59,8 +54,8 @@ def full(model):
     "freeze",
     train=Option((), "list", help="components to train: " + "+".join(("embed", "attention", "q", "k", "v", "o", "mlp", "norm", "lm_head", "bias"))),
     layers=Option(None, help="block range A-B; only parameters inside these blocks train"),
-    include=Option(None, help="regex over parameter names to also train"),
-    exclude=Option(None, help="regex over parameter names never to train"),
+    include=Option(None, "regex", help="regex searched in parameter names to also train"),
+    exclude=Option(None, "regex", help="regex searched in parameter names never to train"),
 )
 def freeze(model, train, layers, include, exclude):
     """Train only the chosen components / blocks / name patterns; freeze the rest."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..components import is_conv1d
 from ..errors import UserError
-from ..spec import Option, Step
+from ..spec import Option, Step, user_regex
 from .attach import apply, attach
 from .protocol import Added
 from .registry import PeftCodec, register
@@ -113,8 +113,11 @@ def _suffix_regex(entries) -> str:
 
 
 def _is_feedforward(path: str, feedforward, feedforward_regex) -> bool:
-    """peft's rule: a list entry matches when the path ends with it; a regex must match the whole path."""
-    return any(path.endswith(f) for f in feedforward) or bool(feedforward_regex and re.fullmatch(feedforward_regex, path))
+    """peft's rule: a list entry matches when the path ends with it; a regex (text or compiled)
+    must match the whole path."""
+    if isinstance(feedforward_regex, str):
+        feedforward_regex = user_regex(feedforward_regex, "ia3: feedforward_regex")
+    return any(path.endswith(f) for f in feedforward) or bool(feedforward_regex and feedforward_regex.fullmatch(path))
 
 
 def choose(model, targets, feedforward, target_regex, feedforward_regex, layers) -> dict:
@@ -131,19 +134,17 @@ def choose(model, targets, feedforward, target_regex, feedforward_regex, layers)
     for t in paths:
         if not any(n.endswith("." + t) for n in linear_layers(model)):
             raise UserError(f"ia3: target '{t}' names no linear layer of this model")
+    if target_regex:  # checked alone: the suffix regex below must not hide that it matches nothing
+        pick_targets(model, (), target_regex, None, "ia3")
     rx = "|".join(f"(?:{r})" for r in ([target_regex] if target_regex else []) + ([_suffix_regex(paths)] if paths else []))
-    if feedforward_regex:
-        try:
-            re.compile(feedforward_regex)
-        except re.error as e:
-            raise UserError(f"ia3: bad feedforward_regex: {e}") from None
-    chosen = pick_targets(model, tuple(t for t in targets if "." not in t), rx or None, layers)
+    ff_rx = user_regex(feedforward_regex, "ia3: feedforward_regex") if feedforward_regex else None
+    chosen = pick_targets(model, tuple(t for t in targets if "." not in t), rx or None, layers, "ia3")
     if given_ff:
         leaves = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in chosen}))
         for f in feedforward:
             if not any(p.endswith(f) for p in chosen):
                 raise UserError(f"ia3: feedforward '{f}' names none of the targets ({leaves})")
-    return {p: (m, _is_feedforward(p, feedforward, feedforward_regex)) for p, m in chosen.items()}
+    return {p: (m, _is_feedforward(p, feedforward, ff_rx)) for p, m in chosen.items()}
 
 
 # ---- peft's IA3Config --------------------------------------------------------------------
@@ -204,8 +205,8 @@ def from_peft(config: dict, where) -> Step:
     "ia3", peft=PeftCodec("IA3", to_peft, from_peft),
     targets=Option(None, "list", help="leaf names or path suffixes, or all-linear (default: peft's for the model)"),
     feedforward=Option(None, "list", help="targets that scale their input: path endings (default: the MLP's down projection)"),
-    target_regex=Option(None, help="regex over module paths"),
-    feedforward_regex=Option(None, help="regex a feedforward target's whole path matches"),
+    target_regex=Option(None, "regex", help="regex searched in module paths (alone, it replaces the default targets)"),
+    feedforward_regex=Option(None, "regex", help="regex a feedforward target's whole path matches"),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0, help="unused: l starts at 1"),

@@ -24,10 +24,10 @@ from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option, Step
 from .attach import attach
-from .lora import pattern_value
+from .lora import check_ranks, pattern_value, read_patterns
 from .protocol import Added
 from .registry import PeftCodec, register, resolved
-from .targets import dims, linear_layers, peft_targets, pick_targets, target_options
+from .targets import REGEX_HELP, TARGETS_HELP, dims, linear_layers, peft_targets, pick_targets, target_options
 
 
 class LohaDelta(Added):
@@ -65,21 +65,32 @@ def kaiming_(t: torch.Tensor, gen: torch.Generator) -> None:
 
 
 def layer_rank_alpha(method: str, path: str, r: int, alpha: float, rank_pattern, alpha_pattern) -> tuple:
-    """(r, α) for the layer at `path` after rank_pattern / alpha_pattern (peft's suffix rule)."""
+    """(r, α) for the layer at `path` after rank_pattern / alpha_pattern (peft's suffix rule;
+    'PATTERN=VALUE' items or `read_patterns`' pairs)."""
     rr = pattern_value(rank_pattern, path, r, int)
     if rr <= 0:
         raise UserError(f"{method}: rank_pattern gives {path} rank {rr}; ranks must be positive")
     return rr, pattern_value(alpha_pattern, path, alpha)
 
 
+def lycoris_plan(model, method, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern) -> list:
+    """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
+    ranks = read_patterns(rank_pattern, f"{method}: rank_pattern", "int")
+    alphas = read_patterns(alpha_pattern, f"{method}: alpha_pattern", "float", 0)
+    plan = []
+    for path, layer in pick_targets(model, targets, target_regex, layers, method).items():
+        plan.append((path, layer, *layer_rank_alpha(method, path, r, alpha, ranks, alphas)))
+    return plan
+
+
 LYCORIS_OPTIONS = dict(
     r=Option(8, "int", help="rank", low=1),
     alpha=Option(8.0, "float", help="scale numerator: ΔW is multiplied by alpha/r (peft's default 8)", low=0),
-    targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
-    target_regex=Option(None, help="regex over module paths"),
+    targets=Option(None, "list", help=TARGETS_HELP),
+    target_regex=Option(None, "regex", help=REGEX_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
-    rank_pattern=Option((), "list", help="per-layer ranks: PATTERN=R joined with +"),
-    alpha_pattern=Option((), "list", help="per-layer alphas: PATTERN=ALPHA joined with +"),
+    rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
+    alpha_pattern=Option((), "patterns", help="per-layer alphas: PATTERN=ALPHA joined with +", low=0),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
 )
@@ -128,10 +139,13 @@ def read_lycoris(config: dict, where) -> dict:
           **LYCORIS_OPTIONS)
 def loha(model, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, name, seed):
     """Low-rank Hadamard update (W1a W1b) ⊙ (W2a W2b)·α/r on chosen linear layers (LoHa)."""
+    plan = lycoris_plan(model, "loha", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern)
+    # Each Hadamard factor W1a W1b, W2a W2b has rank ≤ min(in, out) whatever r is: a larger r
+    # only adds parameters (r = 10⁶ would allocate gigabytes); refused before allocating.
+    check_ranks("loha", [(path, layer, rr, rr != r) for path, layer, rr, _ in plan], r)
     gen = torch.Generator().manual_seed(seed)
-    for path, layer in pick_targets(model, targets, target_regex, layers).items():
+    for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
-        rr, aa = layer_rank_alpha("loha", path, r, alpha, rank_pattern, alpha_pattern)
         delta = LohaDelta(d_in, d_out, rr, aa)
         with torch.no_grad():
             for p in (delta.w1_a, delta.w1_b, delta.w2_a):

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from ..spec import Option, Step
 from .attach import attach
-from .loha import LYCORIS_OPTIONS, kaiming_, layer_rank_alpha, linear_only, lycoris_fields, read_lycoris
+from .loha import LYCORIS_OPTIONS, kaiming_, linear_only, lycoris_fields, lycoris_plan, read_lycoris
 from .protocol import Added
 from .registry import PeftCodec, register, resolved
-from .targets import dims, pick_targets
+from .targets import dims
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -112,10 +112,12 @@ def from_peft(config: dict, where) -> Step:
 def lokr(model, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, name, seed,
          decompose_both, decompose_factor, init):
     """Kronecker update (W1 ⊗ W2)·α/r, W2 (and W1) low rank, on chosen linear layers (LoKr)."""
+    # r only sizes the low-rank halves of a factor, used when r < max(b, d)/2 (else the factor is
+    # whole): no r allocates more than the whole factors, so r has no upper limit here.
+    plan = lycoris_plan(model, "lokr", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern)
     gen = torch.Generator().manual_seed(seed)
-    for path, layer in pick_targets(model, targets, target_regex, layers).items():
+    for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
-        rr, aa = layer_rank_alpha("lokr", path, r, alpha, rank_pattern, alpha_pattern)
         delta = LokrDelta(d_in, d_out, rr, aa, decompose_both, decompose_factor)
         delta.init(init, gen)
         attach(layer, name, delta.to(layer.weight.device))

@@ -9,18 +9,18 @@ matches a module path when the path ends in it after a dot).
 """
 
 import math
-import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..spec import Option, Step
+from ..spec import Option, Step, clip, pattern_item
 from .attach import attach
 from .protocol import Added
 from .registry import PeftCodec, register
-from .targets import base_weight, dims, peft_targets, pick_targets, target_options, write_weight
+from .targets import (REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options,
+                      write_weight)
 
 
 class LoraDelta(Added):
@@ -128,22 +128,53 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
         delta.magnitude = nn.Parameter(delta.row_norm(layer))
 
 
-def pattern_value(patterns: tuple, path: str, default, kind=float):
-    """peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins."""
+def read_patterns(items, what: str, of: str = "float", low=None) -> list:
+    """[(compiled pattern, value)] for 'PATTERN=VALUE' items (rank_pattern, alpha_pattern), each
+    checked: a safe regex, a finite number of kind `of` (int or float), ≥ low."""
+    return [pattern_item(item, what, of, low) for item in items]
+
+
+def pattern_value(patterns, path: str, default, kind=float):
+    """peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins, i.e.
+    matches in full the path or a part of it after a dot (peft: re.match(rf"(.*\.)?({key})$")).
+    `patterns`: 'PATTERN=VALUE' items or `read_patterns`' pairs."""
+    ends = [path] + [path[i + 1:] for i, ch in enumerate(path) if ch == "."]
     for item in patterns:
-        key, _, value = item.rpartition("=")
-        if not key:
-            raise UserError(f"pattern '{item}' is not PATTERN=VALUE, e.g. q_proj=16")
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", path)
-        except re.error as e:
-            raise UserError(f"bad pattern '{key}': {e}") from None
-        if hit:
-            try:
-                return kind(value)
-            except ValueError:
-                raise UserError(f"pattern '{item}': {value} is not a number") from None
+        rx, value = item if isinstance(item, tuple) else pattern_item(item, "pattern", "int" if kind is int else "float")
+        if any(rx.fullmatch(end) for end in ends):
+            return value
     return default
+
+
+def check_ranks(method: str, plan: list, r: int) -> None:
+    """Refuse a rank above a target's smaller dimension before anything is allocated: such a
+    rank adds parameters but no rank to ΔW (which has rank ≤ min(in, out)), and r=10⁶ would
+    allocate gigabytes. `plan`: [(path, layer, rank, from a rank_pattern)]."""
+    for path, layer, rank, patterned in sorted(plan, key=lambda x: min(dims(x[1]))):
+        d_in, d_out = dims(layer)
+        limit = min(d_in, d_out)
+        if rank <= limit:
+            continue
+        side = f"{d_in} inputs" if d_in <= d_out else f"{d_out} outputs"
+        if patterned:
+            raise UserError(f"{method}: rank_pattern gives {path} rank {rank}, larger than its {side}; "
+                            f"its rank must be ≤ {limit}")
+        raise UserError(f"{method}: r={clip(r)} is larger than {path.rsplit('.', 1)[-1]}'s {side} ({path}); "
+                        f"r must be ≤ {limit}")
+
+
+def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), alpha_pattern=(), alpha=None) -> list:
+    """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
+    alpha = 2 * r if alpha is None else alpha
+    ranks = read_patterns(rank_pattern, f"{method}: rank_pattern", "int")
+    alphas = read_patterns(alpha_pattern, f"{method}: alpha_pattern", "float", 0)
+    chosen = pick_targets(model, targets, target_regex, layers, method)
+    plan = [(path, layer, pattern_value(ranks, path, None), pattern_value(alphas, path, alpha)) for path, layer in chosen.items()]
+    for path, _, rr, _ in plan:
+        if rr is not None and rr <= 0:
+            raise UserError(f"{method}: rank_pattern gives {path} rank {rr}; ranks must be positive")
+    check_ranks(method, [(path, layer, r if rr is None else rr, rr is not None) for path, layer, rr, _ in plan], r)
+    return [(path, layer, r if rr is None else rr, aa) for path, layer, rr, aa in plan]
 
 
 def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Generator) -> None:
@@ -167,14 +198,14 @@ LORA_OPTIONS = dict(
     r=Option(8, "int", help="rank", low=1),
     alpha=Option(None, "float", help="scale numerator (default: 2r)", low=0),
     dropout=Option(0.0, "float", low=0, high=0.99),
-    targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
-    target_regex=Option(None, help="regex over module paths"),
+    targets=Option(None, "list", help=TARGETS_HELP),
+    target_regex=Option(None, "regex", help=REGEX_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rslora=Option(False, "bool", help="scale by alpha/sqrt(r)"),
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
     init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa")),
-    rank_pattern=Option((), "list", help="per-layer ranks: PATTERN=R joined with +"),
-    alpha_pattern=Option((), "list", help="per-layer alphas: PATTERN=ALPHA joined with +"),
+    rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
+    alpha_pattern=Option((), "patterns", help="per-layer alphas: PATTERN=ALPHA joined with +", low=0),
     lora_bias=Option(False, "bool", help="also train a bias on B (peft's lora_bias)"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
@@ -182,17 +213,14 @@ LORA_OPTIONS = dict(
 
 
 def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
-             rank_pattern=(), alpha_pattern=(), lora_bias=False):
-    """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers."""
-    alpha = 2 * r if alpha is None else alpha
+             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora"):
+    """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers (`method`: the
+    strategy's name, for messages)."""
+    plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha)
     gen = torch.Generator().manual_seed(seed)
-    for path, layer in pick_targets(model, targets, target_regex, layers).items():
+    for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
-        rr = pattern_value(rank_pattern, path, r, int)
-        if rr <= 0:
-            raise UserError(f"lora: rank_pattern gives {path} rank {rr}; ranks must be positive")
-        delta = LoraDelta(d_in, d_out, rr, pattern_value(alpha_pattern, path, alpha), dropout, rslora,
-                          lora_bias).to(layer.weight.device)
+        delta = LoraDelta(d_in, d_out, rr, aa, dropout, rslora, lora_bias).to(layer.weight.device)
         init_delta(delta, layer, init, gen)
         if dora:
             make_dora(delta, layer)
@@ -247,10 +275,10 @@ LORA = PeftCodec("LORA", to_peft, from_peft, accepts=lambda step, model: step.op
 @register("lora", peft=LORA, **LORA_OPTIONS)
 def lora(model, **opts):
     """Low-rank update W + (α/r)·BA on chosen linear layers; dora=true, rslora=true variants."""
-    add_lora(model, **opts)
+    add_lora(model, method="lora", **opts)
 
 
 @register("dora", peft=LORA.writer(), **LORA_OPTIONS)
 def dora(model, **opts):
     """LoRA direction plus a trainable magnitude per output feature."""
-    add_lora(model, **(opts | {"dora": True}))
+    add_lora(model, method="dora", **(opts | {"dora": True}))

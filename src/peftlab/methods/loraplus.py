@@ -19,7 +19,7 @@ from .registry import register
 def loraplus(model, ratio, **opts):
     """LoRA with B trained at ratio × the learning rate of A (LoRA+)."""
     before = {id(m) for m in model.modules()}
-    add_lora(model, dora=False, **opts)
+    add_lora(model, dora=False, method="loraplus", **opts)
     for m in model.modules():
         if isinstance(m, Added) and id(m) not in before:
             m.lr_scale = {"B": ratio}

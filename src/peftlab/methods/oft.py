@@ -42,7 +42,7 @@ from ..spec import Option, Step
 from .attach import apply, attach
 from .protocol import Added
 from .registry import PeftCodec, register
-from .targets import base_weight, dims, peft_targets, pick_targets, target_options, write_weight
+from .targets import REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options, write_weight
 
 PEFT_VERSION = "0.21.2"  # the peft whose Cayley–Neumann form (changed in 0.18.0) this file matches
 
@@ -143,7 +143,7 @@ def block_size_of(path: str, d_in: int, r, block_size) -> int:
     if block_size is not None:
         if d_in % block_size:
             raise UserError(f"oft: block_size={block_size} does not divide {path}'s {d_in} input features; "
-                            f"choose a divisor such as {', '.join(str(d) for d in (4, 8, 16, 32, 64) if d_in % d == 0)}")
+                            f"choose a divisor such as {', '.join(str(d) for d in (4, 8, 16, 32, 64) if d_in % d == 0) or d_in}")
         return block_size
     if d_in % r:
         raise UserError(f"oft: r={r} blocks do not divide {path}'s {d_in} input features; choose a divisor of {d_in}")
@@ -157,15 +157,17 @@ def add_oft(model, r, block_size, targets, target_regex, layers, coft, eps, bloc
         raise UserError(f"oft: give r (blocks per layer) or block_size, not both (r={r}, block_size={block_size})")
     if r is None and block_size is None:
         block_size = 32
-    chosen = pick_targets(model, targets, target_regex, layers)
+    chosen = pick_targets(model, targets, target_regex, layers, "oft")
     for path, layer in chosen.items():
         if is_conv1d(layer):
             raise UserError(f"oft: {path} is a GPT-2 Conv1D layer, which peft's OFT does not support; "
                             "peftlab refuses it so OFT adapters always load in peft")
+    # r (blocks) and block_size must divide each target's input features, so neither can exceed
+    # them: checked for every target before anything is allocated.
+    sizes = {path: block_size_of(path, dims(layer)[0], r, block_size) for path, layer in chosen.items()}
     for path, layer in chosen.items():  # θ = 0 (R = I): nothing random; `seed` is the common interface
         d_in, _ = dims(layer)
-        rot = OftRotation(d_in, block_size_of(path, d_in, r, block_size), block_share, coft, eps,
-                          use_cayley_neumann, num_cayley_neumann_terms)
+        rot = OftRotation(d_in, sizes[path], block_share, coft, eps, use_cayley_neumann, num_cayley_neumann_terms)
         attach(layer, name, rot.to(layer.weight.device), oft_hook, pre=True)
 
 
@@ -217,8 +219,8 @@ def from_peft(config: dict, where) -> Step:
     "oft", peft=PeftCodec("OFT", to_peft, from_peft),
     r=Option(None, "int", help="blocks per layer (give r or block_size)", low=1),
     block_size=Option(None, "int", help="block size (default 32 when r is not given)", low=2),
-    targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
-    target_regex=Option(None, help="regex over module paths"),
+    targets=Option(None, "list", help=TARGETS_HELP),
+    target_regex=Option(None, "regex", help=REGEX_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     coft=Option(False, "bool", help="constrained OFT: clip each rotation's size to eps"),
     eps=Option(6e-5, "float", help="COFT's bound", low=0),

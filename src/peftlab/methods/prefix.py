@@ -14,11 +14,11 @@ import torch.nn as nn
 
 from ..components import blocks, num_layers
 from ..errors import UserError
-from ..spec import Option, Step
+from ..spec import Option, Step, clip
 from .registry import PeftCodec, register
 from .attach import attach
 from .protocol import Added
-from .virtual import MARK, cache_key, call_inputs, compute_dtype, is_fresh, shift, the_active
+from .virtual import MARK, cache_key, call_inputs, check_room, check_tokens, compute_dtype, is_fresh, shift, the_active
 
 
 class PrefixKV(Added):
@@ -98,6 +98,7 @@ def prefix_hook(model, args, kwargs):
     cache_kw = cache_key(kwargs)
     cache = kwargs.get(cache_kw)
     if is_fresh(kwargs):
+        check_room(model, "prefix", prefix.k, length)
         if cache is None and (model.training or kwargs.get("use_cache") is False):
             cache = read_only_cache(model.config)
         elif cache is None:
@@ -137,6 +138,17 @@ def from_peft(config: dict, where) -> Step:
     return Step("prefix", {"tokens": config["num_virtual_tokens"]})
 
 
+def check_projection(model, projection: int, d_kv: int, layers: int) -> None:
+    """The reparametrisation MLP (d_kv → projection → L·2·d_kv) has no size limit of its own
+    (Li & Liang use 512-800), but one larger than the whole model is a mistake
+    (projection = 10⁶ would allocate gigabytes): refused before allocating."""
+    per_unit = d_kv + 1 + layers * 2 * d_kv  # one hidden unit: its input weights, bias, output weights
+    total = sum(p.numel() for p in model.parameters())
+    if projection * per_unit > total:
+        raise UserError(f"prefix: projection={clip(projection)} makes the reparametrisation MLP {projection * per_unit:,} "
+                        f"values, more than the whole model ({total:,}); projection must be ≤ {max(1, total // per_unit)}")
+
+
 @register(
     "prefix", peft=PeftCodec("PREFIX_TUNING", to_peft, from_peft), saved_as={"projection": 0},
     tokens=Option(20, "int", help="prefix length k", low=1),
@@ -148,7 +160,9 @@ def prefix(model, tokens, projection, name, seed):
     """k trainable key/value vectors per layer inside attention."""
     if tokens <= 0:
         raise UserError(f"prefix: tokens must be positive, got {tokens}")
+    check_tokens(model, "prefix", tokens)
     kv_heads, head_dim = kv_shape(model.config)
+    check_projection(model, projection, kv_heads * head_dim, num_layers(model))
     p = PrefixKV(tokens, num_layers(model), kv_heads, head_dim, projection)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from ..spec import Option, Step
 from .registry import PeftCodec, register
 from .attach import attach
 from .protocol import Added
-from .virtual import MARK, cache_of, call_inputs, is_fresh, shift, the_active
+from .virtual import MARK, cache_of, call_inputs, check_room, check_tokens, is_fresh, shift, the_active
 
 
 class PromptEmbedding(Added):
@@ -39,6 +39,7 @@ def prompt_hook(model, args, kwargs):
     args, batch, length, device = call_inputs(args, kwargs)
     cache = cache_of(kwargs)
     if is_fresh(kwargs):
+        check_room(model, "prompt", k, length)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = model.get_input_embeddings()(kwargs["input_ids"])
@@ -79,6 +80,7 @@ def prompt(model, tokens, init, text, name, seed, tokenizer=None):
     """k trainable input embeddings prepended to every sequence."""
     if tokens <= 0:
         raise UserError(f"prompt: tokens must be positive, got {tokens}")
+    check_tokens(model, "prompt", tokens)
     table = model.get_input_embeddings().weight  # (V, d)
     p = PromptEmbedding(tokens, table.shape[1]).to(table.device)
     gen = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
 from .registry import register
-from .lora import LORA_OPTIONS, add_lora
+from .lora import LORA_OPTIONS, add_lora, lora_plan
 from .targets import linear_layers
 
 
@@ -56,8 +56,10 @@ def qlora(model, bits, **opts):
         raise UserError(f"qlora: bits must be 4 or 8, got {bits}")
     if is_conv1d(next(iter(linear_layers(model).values()))):
         raise UserError(f"qlora: {model.config.model_type} stores its layers as Conv1D, which bitsandbytes cannot quantize; use lora")
+    lora_plan(model, "qlora", opts["r"], opts["targets"], opts["target_regex"], opts["layers"], opts["rank_pattern"],
+              opts["alpha_pattern"], opts["alpha"])  # every option checked before the base is quantized
     for path, linear in linear_layers(model).items():
         if type(linear) is nn.Linear:
             parent, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(parent), leaf, quantize_linear(linear, bits))
-    add_lora(model, dora=False, init="kaiming", lora_bias=False, **opts)
+    add_lora(model, dora=False, init="kaiming", lora_bias=False, method="qlora", **opts)

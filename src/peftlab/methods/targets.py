@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..components import arch_of, is_conv1d, num_layers, parse_layers, where
 from ..errors import UserError, close_matches
+from ..spec import clip, user_regex
 
 
 def dims(linear: nn.Module) -> tuple[int, int]:
@@ -53,20 +54,34 @@ def block_of(model, path: str) -> int | None:
     return int(path[len(prefix):].split(".")[0]) if path.startswith(prefix) else None
 
 
-def pick_targets(model, targets, target_regex=None, layers=None) -> dict:
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+TARGETS_HELP = "leaf module names, or all-linear (default: q_proj+v_proj, none when target_regex is given)"
+REGEX_HELP = "regex searched in module paths; alone it chooses, with targets a layer either picks is chosen"
+
+
+def pick_targets(model, targets, target_regex=None, layers=None, method: str = "lora") -> dict:
     """Resolve `targets` (leaf names or 'all-linear'), a regex over module paths and a block
-    range ('A-B', or a '+'-joined list of block indices) to {path: module}."""
+    range ('A-B', or a '+'-joined list of block indices) to {path: module}.
+
+    targets=None (not given): DEFAULT_TARGETS, or nothing when `target_regex` is given — then
+    the regex alone chooses, as peft's target_modules given as a string does. Both given: a
+    layer either picks is chosen. The regex is searched in each path (anchor it with ^...$ to
+    match whole paths) and must match at least one linear layer: a regex that matches none is
+    a mistake, not a request for the default layers."""
     candidates = linear_layers(model)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
     span = block_set(layers, num_layers(model)) if layers else None
+    if targets is None:
+        targets = () if target_regex else DEFAULT_TARGETS
     targets = gpt2_names(model, targets)
     for t in targets:
         if t != "all-linear" and t not in leaves:
             raise UserError(f"target module '{t}' is not in this model{close_matches(t, leaves)}; linear layers: {', '.join(leaves)}")
-    try:
-        rx = re.compile(target_regex) if target_regex else None
-    except re.error as e:
-        raise UserError(f"bad target_regex: {e}") from None
+    rx = user_regex(target_regex, f"{method}: target_regex") if target_regex else None
+    if rx is not None and not any(rx.search(name) for name in candidates):
+        example = next(iter(candidates), "")
+        raise UserError(f"{method}: target_regex '{clip(target_regex, 80)}' matches no linear layer of this model; it is "
+                        f"searched in module paths such as {example} (linear layers: {', '.join(leaves)})")
     chosen = {}
     for name, module in candidates.items():
         leaf = name.rsplit(".", 1)[-1]
@@ -76,7 +91,10 @@ def pick_targets(model, targets, target_regex=None, layers=None) -> dict:
         if hit:
             chosen[name] = module
     if not chosen:
-        raise UserError(f"no linear layer matches targets={'+'.join(targets)}; linear layers: {', '.join(leaves)}")
+        asked = " and ".join(x for x in (f"targets={'+'.join(targets)}" if targets else "",
+                                         f"target_regex={clip(target_regex, 80)}" if target_regex else "") if x) or "targets="
+        where = f" in blocks {layers}" if span is not None else ""
+        raise UserError(f"{method}: no linear layer matches {asked}{where}; linear layers: {', '.join(leaves)}")
     return chosen
 
 

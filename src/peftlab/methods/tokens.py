@@ -19,14 +19,12 @@ lm_head when tied); inside a LoRA config as `trainable_token_indices` (a list: t
 embedding; a dict: {layer: ids}), tensor <embedding>.token_adapter.trainable_tokens_delta.
 """
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..spec import Option, Step
+from ..spec import Option, Step, user_regex
 from .attach import attach
 from .modules import base_modules
 from .protocol import Added
@@ -122,10 +120,11 @@ def _embedding(model, layer: str) -> tuple[str, nn.Embedding]:
         return next(p for p, m in modules.items() if m is emb), emb
     hits = [p for p in modules if p == layer or p.endswith("." + layer)]
     if not hits:
-        try:
-            hits = [p for p in modules if re.fullmatch(layer, p)]
-        except re.error:
-            pass
+        try:  # not a name: a regex over paths, matched in full (peft's rule for a string)
+            rx = user_regex(layer, "tokens: layer")
+        except UserError:
+            rx = None  # not a usable regex either: it names no module (said below)
+        hits = [p for p in modules if rx is not None and rx.fullmatch(p)]
     embeddings = sorted(p for p, m in modules.items() if isinstance(m, nn.Embedding))
     if len(hits) != 1 or not isinstance(modules[hits[0]], nn.Embedding):
         what = "names no module" if not hits else (f"names {len(hits)} modules" if len(hits) > 1 else "is not an embedding")

@@ -35,11 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..spec import Option, Step
+from ..spec import Option, Step, clip
 from .attach import attach
 from .protocol import Added
 from .registry import PeftCodec, register
-from .targets import dims, peft_targets, pick_targets, target_options
+from .targets import REGEX_HELP, TARGETS_HELP, dims, peft_targets, pick_targets, target_options
 
 
 def kaiming_uniform(shape: tuple, gen: torch.Generator) -> torch.Tensor:
@@ -109,8 +109,9 @@ class VeraDelta(Added):
 def add_vera(model, r, d_initial, projection_prng_key, save_projection, dropout, targets, target_regex, layers,
              name, seed):
     """Attach VeRA deltas named `name`, sharing one pair of projections sized to the largest target."""
-    chosen = pick_targets(model, targets, target_regex, layers)
+    chosen = pick_targets(model, targets, target_regex, layers, "vera")
     shapes = [dims(layer) for layer in chosen.values()]  # (in, out)
+    check_size(model, r, max(i for i, _ in shapes) + max(o for _, o in shapes))
     proj = Projections(r, max(i for i, _ in shapes), max(o for _, o in shapes), projection_prng_key)
     proj = proj.to(next(iter(chosen.values())).weight.device)
     for layer, (d_in, d_out) in zip(chosen.values(), shapes):
@@ -122,14 +123,24 @@ def add_vera(model, r, d_initial, projection_prng_key, save_projection, dropout,
         delta.owns = first == f"{path}.{VeraDelta.slot}.{name}.proj.A"
 
 
+def check_size(model, r: int, n_plus_m: int) -> None:
+    """VeRA's r has no limit of its own (peft's default, 256, exceeds a tiny model's width);
+    but the frozen projections hold r·(n_max + m_max) values, and projections larger than the
+    whole model are a mistake (r = 10⁶ would allocate gigabytes): refused before allocating."""
+    total = sum(p.numel() for p in model.parameters())
+    if r * n_plus_m > total:
+        raise UserError(f"vera: r={clip(r)} makes the shared projections A and B {r * n_plus_m:,} values, more than the "
+                        f"whole model ({total:,}); r must be ≤ {max(1, total // n_plus_m)}")
+
+
 OPTIONS = dict(
     r=Option(256, "int", help="rank of the shared projections (peft's default 256)", low=1),
     d_initial=Option(0.1, "float", help="initial value of every λ_d"),
     projection_prng_key=Option(0, "int", help="seed of the shared random projections (as peft)", low=0),
     save_projection=Option(True, "bool", help="peft format: store A and B (false: rebuilt from the key)"),
     dropout=Option(0.0, "float", low=0, high=0.99),
-    targets=Option(("q_proj", "v_proj"), "list", help="leaf module names, or all-linear"),
-    target_regex=Option(None, help="regex over module paths"),
+    targets=Option(None, "list", help=TARGETS_HELP),
+    target_regex=Option(None, "regex", help=REGEX_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0, help="unused: VeRA's only random tensors come from projection_prng_key"),

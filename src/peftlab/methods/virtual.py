@@ -9,9 +9,37 @@ call on a cache that carries virtual tokens is shifted by k.
 import torch
 
 from ..errors import UserError
+from ..spec import clip
 from .attach import active
 
 MARK = "_peftlab_virtual"  # attribute on a cache object: how many virtual tokens it holds
+
+
+def positions(config) -> int | None:
+    """How many positions the model takes (models.max_positions: max_position_embeddings,
+    GPT-2's n_positions, rope scaling), or None."""
+    from ..models import max_positions
+
+    return max_positions(config)
+
+
+def check_tokens(model, method: str, k: int) -> None:
+    """k virtual tokens must leave the text at least one of the model's positions (checked
+    before the k rows are allocated)."""
+    n = positions(model.config)
+    if n is not None and k >= n:
+        raise UserError(f"{method}: tokens={clip(k)} is not less than the model's {n} positions; tokens must be ≤ {n - 1} "
+                        f"(the text needs positions too; e.g. tokens=20)")
+
+
+def check_room(model, method: str, k: int, length: int) -> None:
+    """A sequence whose k virtual tokens and `length` text tokens pass the model's positions is
+    one line, not an index error deep inside GPT-2's position embedding (checked on the first
+    chunk of a sequence)."""
+    n = positions(model.config)
+    if n is not None and k + length > n:
+        raise UserError(f"{method}: {k} virtual tokens + {length} text tokens need {k + length} positions; the model has "
+                        f"{n}; use fewer tokens or a shorter sequence (at most {max(0, n - k)} text tokens)")
 
 
 def the_active(model, slot: str):
