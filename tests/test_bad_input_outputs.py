@@ -78,6 +78,30 @@ def unfinished_run(w):
     (w / "half" / "run.json").write_text(json.dumps(run))
 
 
+def peft_config(**fields):
+    """setup: change fields of the LoRA's adapter_config.json (json writes NaN as NaN)."""
+    def make(w):
+        f = w / "lora" / "adapter_config.json"
+        config = json.loads(f.read_text())
+        f.write_text(json.dumps(config | fields))
+    return make
+
+
+def lora_of_seed_1(w):
+    from peftlab import load_model, prepare
+    from peftlab.artifacts import save
+
+    m = load_model("tiny-llama", seed=1)
+    save(m.model, prepare(m.model, "lora:r=4"), w / "lora1", base_model="tiny-llama")
+
+
+def no_fingerprint(w):
+    f = w / "native" / "peftlab_config.json"
+    config = json.loads(f.read_text())
+    config.pop("fingerprint")
+    f.write_text(json.dumps(config))
+
+
 CASES = [
     # --- the output policy: never into or over an input, never over a user's files without --overwrite
     Case("merge-out-is-the-adapter", MERGE + ["-o", "{lora}"], 2, r"--out .*lora is the input .*lora"),
@@ -148,6 +172,22 @@ CASES = [
          r"and --max-new-tokens 100000 are more than tiny-gpt2's 512 positions; use --max-new-tokens 510 or less"),
     Case("generate-prompt-past-positions", ["generate", "-m", "tiny-gpt2", "-p", "x" * 600], 2,
          r"the prompt is 600 tokens, and tiny-gpt2 takes 512 positions"),
+    # --- adapters: their base, their numbers, their patterns
+    Case("generate-peft-target-modules-backtracks", ["generate", "-m", "tiny-llama", "-p", "Hi", "-a", "{lora}"], 2,
+         r"adapter_config.json: bad target_modules .*exponential time", setup=peft_config(target_modules="(.|.)*zzz")),
+    Case("merge-peft-alpha-pattern-nan", MERGE + ["-o", "{tmp}/m"], 2, r"alpha_pattern.q_proj is nan, not a finite number",
+         setup=peft_config(alpha_pattern={"q_proj": math.nan})),
+    Case("merge-peft-target-modules-5", MERGE + ["-o", "{tmp}/m"], 2, r"target_modules is 5; it should be",
+         setup=peft_config(target_modules=5)),
+    Case("merge-lora-of-another-seed", ["merge", "-m", "tiny-llama", "-a", "{tmp}/lora1", "-o", "{tmp}/m"], 2,
+         r"differs from the base this adapter was trained on \(--force-base", setup=lora_of_seed_1),
+    Case("merge-lora-of-another-seed-forced", ["merge", "-m", "tiny-llama", "-a", "{tmp}/lora1", "-o", "{tmp}/m",
+                                               "--force-base"], 0, r"^peftlab: warning: .*loading it anyway \(--force-base\)$", setup=lora_of_seed_1, writes=("m",)),
+    Case("merge-gemma3-lora-into-llama", ["merge", "-m", "tiny-gemma3", "-a", "{lora}", "-o", "{tmp}/m"], 2,
+         r"lora: .*(differs from|has no tensor|made for another)"),
+    Case("merge-native-without-fingerprint", ["merge", "-m", "tiny-llama", "-a", "{native}", "-o", "{tmp}/m"], 0,
+         r"^peftlab: warning: .*native: the adapter records no fingerprint of its base model, so the base could not be "
+         r"checked$", setup=no_fingerprint, writes=("m",)),
     # --- options
     Case("seed-2-to-the-64", TRAIN + ["-o", "{tmp}/o", "--seed", str(2**64)], 2, r"--seed must be between 0 and"),
     Case("seed-negative", TRAIN + ["-o", "{tmp}/o", "--seed", "-1"], 2, r"--seed must be between 0 and"),

@@ -130,6 +130,7 @@ def target_options(config: dict, where) -> dict:
     options = {}
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
+        user_regex(targets, f"{where}: target_modules")  # refused here, naming the file, if it can backtrack badly
         options["target_regex"] = f"^({targets})$"  # peft: a string is a regex matched in full
         options["targets"] = ()
     elif targets and any("." in t for t in targets):  # module paths: peft matches them as suffixes
