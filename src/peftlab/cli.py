@@ -9,14 +9,11 @@ from typing import List, Optional
 
 import typer
 
-try:  # typer ships its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
 from rich.console import Console
 from rich.table import Table
 
 from . import outputs
+from .boundary import Exit
 from .errors import UserError
 from .progress import phase
 
@@ -129,7 +126,7 @@ def train(
             argv = _argv_without(ctx.obj["argv"], "--nproc")
             code = distributed.launch(nproc, argv)
             if code:
-                raise _Exit(code, "" if code in (2, 130, 143) else
+                raise Exit(code, "" if code in (2, 130, 143) else
                             f"a training process failed (exit {code}; its message is above); no adapter was written, "
                             f"checkpoints in {out_dir} are intact: continue with --resume")
             return
@@ -226,14 +223,6 @@ def _comparison(folder: Path) -> bool:
     """True when `folder` holds a peftlab comparison (whose finished strategies a rerun reuses)."""
     return (folder / "strategies").is_dir() and all(
         (p / "job.json").is_file() for p in (folder / "strategies").iterdir() if p.is_dir())
-
-
-class _Exit(Exception):
-    """Leave the CLI with `code`, after printing `message` (if any) as one line."""
-
-    def __init__(self, code: int, message: str = ""):
-        super().__init__(message)
-        self.code = code
 
 
 def _argv_without(argv: list[str], option: str) -> list[str]:
@@ -354,6 +343,7 @@ def compare(
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=o.MODEL.help),
     data: str = typer.Option("moby-dick", "--data", "-d", help=o.DATA.help),
     case: Optional[List[str]] = typer.Option(None, "--case", help="benchmark cases to run, repeatable (default: all)"),
@@ -373,9 +363,9 @@ def bench(
 
     o.positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
     o.at_least_zero(warmup_steps=warmup_steps)
-    if out_file is not None:  # RESULTS.md and its RESULTS.json: both follow the output policy
+    if out_file is not None:  # RESULTS.md and its RESULTS.json follow the output policy, held until the command ends
         for f in (out_file, out_file.with_suffix(".json")):
-            outputs.check(f, inputs=(model, data, config), overwrite=overwrite, kind="file")
+            ctx.with_resource(outputs.claim(f, inputs=(model, data, config), overwrite=overwrite, kind="file"))
     for c in case or []:
         if c not in CONFIGS:
             raise UserError(f"unknown bench case '{c}'; known: {', '.join(CONFIGS)}")
@@ -506,84 +496,14 @@ def merge(
 
 
 def main(argv=None) -> int:
-    """Entry point. Every command ends in one of four ways: success (0); a user's mistake or a
-    file system refusal as one `peftlab: error:` line (2); an interrupt that says what was kept
-    (130 Ctrl-C, 143 SIGTERM); or an internal error that calls itself a bug, with the traceback
-    saved to a file (1)."""
-    from .errors import RunFailed
-    from .interrupt import Interrupted, Stop, stop_on_signals
+    """Entry point: run the command inside the error boundary (boundary.py); return its exit code."""
+    from .boundary import guarded
 
     command = typer.main.get_command(app)
-    obj = {"kept": "nothing was written"}
-    code = 0
-    try:
-        with stop_on_signals():
-            argv = list(sys.argv[1:] if argv is None else argv)
-            obj["argv"] = argv
-            code = command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
-                                default_map=o.run_config(command, argv))
-            code = code if isinstance(code, int) else 0
-            if code == 130:  # typer turns a KeyboardInterrupt inside a command into Exit(130)
-                raise Stop(2)
-    except UserError as e:
-        return _error(e)
-    except Interrupted as e:
-        print(f"peftlab: {e}; continue with the same command and --resume", file=sys.stderr)
-        return e.exit_code
-    except (Stop, KeyboardInterrupt, typer.Abort) as e:
-        signum = e.signum if isinstance(e, Stop) else 2
-        print(f"peftlab: stopped by {'SIGTERM' if signum == 15 else 'Ctrl-C'}; {obj['kept']}", file=sys.stderr)
-        return 128 + signum
-    except RunFailed as e:
-        print(f"peftlab: error: {e}", file=sys.stderr)
-        return 1
-    except _Exit as e:
-        if str(e):
-            print(f"peftlab: error: {e}", file=sys.stderr)
-        return e.code
-    except click_errors.NoArgsIsHelpError as e:
-        print(e.ctx.get_help())
-        return 0
-    except click_errors.UsageError as e:
-        sub = e.ctx.command.name if e.ctx and e.ctx.command.name not in (None, "", "peftlab") else ""
-        hint = f" (see: peftlab {sub} --help)" if sub else " (see: peftlab --help)"
-        return _error(f"{e.format_message()}{hint}")
-    except OSError as e:  # read-only, no space, not a folder...: the environment, not a bug
-        where = f" {e.filename}" if e.filename else ""
-        return _error(f"cannot use{where}: {e.strerror or e}")
-    except RecursionError:
-        return _error("an input is nested too deeply to read")
-    except Exception:  # noqa: BLE001  (the boundary: anything else is a bug of ours)
-        return _bug(argv if isinstance(argv, list) else [])
-    finally:
-        from . import distributed
-
-        distributed.finish()
-    return code
-
-
-def _error(message) -> int:
-    print(f"peftlab: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
-def _bug(argv: list) -> int:
-    """An exception no check foresaw: save the traceback, say it is a bug, exit 1."""
-    import tempfile
-    import traceback
-
-    from . import __version__
-
-    text = f"peftlab {__version__}\nargv: {argv}\n\n{traceback.format_exc()}"
-    try:
-        fd, path = tempfile.mkstemp(prefix="peftlab-crash-", suffix=".txt")
-        with open(fd, "w") as f:
-            f.write(text)
-    except OSError:
-        path = "(could not be saved)"
-    kind = sys.exc_info()[0].__name__
-    print(f"peftlab: internal error (a bug in peftlab, please report it): {kind}; traceback: {path}", file=sys.stderr)
-    return 1
+    argv = list(sys.argv[1:] if argv is None else argv)
+    obj = {"argv": argv, "kept": "nothing was written"}  # a command says here what an interrupt keeps
+    return guarded(lambda: command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
+                                        default_map=o.run_config(command, argv)), obj)
 
 
 if __name__ == "__main__":
