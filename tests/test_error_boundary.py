@@ -173,3 +173,29 @@ def test_compare_never_runs_two_workers_on_one_strategy_folder(capsys, tmp_path)
     assert code == 2
     assert re.search(r"strategy folder of 'full' in \S+ is in use by another peftlab process \(pid \d+\)", err)
     assert sorted(p.name for p in out.rglob("*")) == ["full", "job.json", "strategies"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only bind mount (root can write into a chmod-555 folder; not into a read-only mount)."""
+    src, mnt = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode:
+        pytest.skip("no bind mounts here (needs root with CAP_SYS_ADMIN)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mnt)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_out_on_a_read_only_file_system(capsys, read_only_folder, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Call me Ishmael. " * 300)
+    code, _, err = run(capsys, "train", "-m", "tiny-llama", "-d", text, "--steps", 1, "--seq-len", 32, "--quiet",
+                       "-o", read_only_folder / "run")
+    assert code == 2
+    assert err.strip() == f"peftlab: error: --out {read_only_folder / 'run'}: cannot write in {read_only_folder} " \
+                          "(Read-only file system)"
