@@ -84,11 +84,11 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="train data-parallel in N processes (starts torchrun)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="with several processes: shard the model (FSDP2) instead of replicating it (DDP)"),
     grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE, base_precision: str = o.BASE_PRECISION,
-    master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO, overwrite: bool = o.OVERWRITE,
-    quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
+    master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO, task: Optional[List[str]] = o.TASKS,
+    overwrite: bool = o.OVERWRITE, quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train one strategy; write DIR/adapter/, DIR/metrics.jsonl and DIR/run.json."""
-    from . import checkpoint, distributed, methods, report_to as report_to_mod, runtime
+    from . import checkpoint, distributed, methods, report_to as report_to_mod, runtime, tasks as tasks_mod
     from .spec import split_lr
 
     strategy, lr = split_lr(strategy, lr)
@@ -101,6 +101,7 @@ def train(
     runtime.pick_device(device)
     methods.parse_strategy(strategy)
     report_to_mod.check(report_to)
+    tasks = tasks_mod.load_all(task)  # every task item checked before a model loads
     if batch_size % max(nproc, distributed.world_size()):
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {max(nproc, distributed.world_size())} "
                         "processes (each takes an equal share of every batch)")
@@ -113,7 +114,7 @@ def train(
         raise UserError(f"{out_dir} holds an unfinished run ({unfinished.name}); "
                         "add --resume to continue it, --overwrite to start it anew, or choose another --out")
     resume = resume and unfinished is not None  # --resume with nothing to resume starts the run (preemptible jobs always pass it)
-    inputs = (model, data, config, strategy if strategy.endswith(".toml") else None)
+    inputs = (model, data, config, strategy if strategy.endswith(".toml") else None, *(t.source for t in tasks))
     if distributed.launched():  # a torchrun worker: the launching process claimed --out and holds its lock
         return _train(ctx, out_dir, inputs, locals())
     held = "a finished run, its adapter is " + str(out_dir / "adapter") if finished else ""
@@ -137,6 +138,7 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     """The run itself, once --out is claimed: load and check everything, then write."""
     from . import artifacts, checkpoint, distributed, report_to as report_to_mod, run as run_mod, runtime
     from .files import write_json
+    from .tasks.evaluate import Scorer, summary as task_summary
     from .train import TrainConfig, config_dict
 
     resume, overwrite = a["resume"], a["overwrite"]
@@ -151,6 +153,8 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     # Everything that can fail on user input happens before the first byte is written.
     job = run_mod.load(model, data, cfg, show, text_column=a["text_column"], system=a["system"])
     base_bytes = sum(p.numel() * 4 for p in job.model.parameters())
+    where = runtime.pick_device(cfg.device)
+    scorer = Scorer(job.loaded, a["tasks"], cfg.seq_len, where, runtime.check_dtype(cfg.dtype, where))
     run_mod.prepare(job, a["strategy"])
     from .params import count
 
@@ -160,6 +164,7 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     run = {"command": "train", "model": model, "data": data,
            "data_options": {"text_column": a["text_column"], "system": a["system"]},
            "strategy": job.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
+           "tasks": {t.name: t.source for t in a["tasks"]},
            "processes": distributed.world_size(), "versions": runtime.versions(),
            "hardware": runtime.hardware(runtime.pick_device(a["device"])),
            "data_tokens": job.blocks.n_tokens, "train_blocks": len(job.blocks.train_ids), "held_out_blocks": len(job.blocks.held_ids)}
@@ -176,7 +181,7 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     tracker = report_to_mod.Tracker(a["report_to"] if main_process else "none", out_dir / "tensorboard")
     try:
         records = run_mod.fit(job, out=out_dir, show=show, resume=resume, identity={"model": model, "data": data},
-                              on_record=tracker.log)
+                              on_record=tracker.log, on_eval=scorer or None)
         folder = run_mod.save(job, out_dir / "adapter", show)
     except BaseException:
         if main_process and not resume and checkpoint.latest(out_dir) is None:
@@ -191,10 +196,15 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": evals[0] if evals else None,
                      "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": size, "base_fp32_bytes": base_bytes,
                      "skipped_steps": sum(1 for r in records if r.get("skipped"))}
+    if scorer:
+        run["result"]["tasks"] = task_summary(scorer, records)
     run["finished_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(run_file, run)
     if evals:
         out.print(f"held-out loss {evals[0]:.4f} → {evals[-1]:.4f} in {steps} steps")
+    for name, t in run["result"].get("tasks", {}).items():
+        if "after" in t:
+            out.print(f"task {name}: accuracy {t['before']:.3f} → {t['after']:.3f} ({t['n']} items)")
     out.print(f"adapter: {folder} ({size / 1e6:.2f} MB; the full model is {base_bytes / 1e6:.1f} MB in fp32)")
 
 

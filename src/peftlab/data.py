@@ -141,7 +141,9 @@ def cached_tokens(loaded, source: str, text_column: str | None = None, system: s
     if source in TEXT_ALIASES:
         path = assets.asset_path(source)
     h = hashlib.sha256()
-    if path.is_file():
+    if records.is_record_source(source) and not path.exists():  # a built-in task: its options fix its records
+        h.update(f"built-in task|{source}|{records.BUILTIN_FORMAT}".encode())
+    elif path.is_file():
         h.update(path.read_bytes())
     elif path.is_dir():
         for p in sorted(path.rglob("*")):

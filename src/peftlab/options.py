@@ -50,6 +50,8 @@ COMPILE = typer.Option(D.compile, "--compile/--no-compile",
                        help="torch.compile the decoder blocks: faster, leaner steps after a slow first one "
                             "(default: compile when the run is long enough to pay and a C++ compiler is present)")
 REPORT_TO = typer.Option("none", "--report-to", help="none | tensorboard: also log every step to TensorBoard (in the output folder)")
+TASKS = typer.Option(None, "--task", help="score task accuracy at every evaluation, repeatable: a task file (.jsonl .json .csv; "
+                     "prompt+answer, or prompt+choices+label), NAME=FILE, or a built-in task (arith[:digits=3,op=mul], which-book)")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing non-empty --out (never one that is, holds or is inside an input)")
 FORCE_BASE = typer.Option(False, "--force-base", help="load an adapter even when its base fingerprint differs from --model (warned)")
 QUIET = typer.Option(False, "--quiet", help="no progress output")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import UserError
 
+BUILTIN_FORMAT = 1  # bump when a built-in task's records change, so cached tokens are not reused
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 ROLES = ("system", "user", "assistant")
 SHAPES = ("'messages' or 'conversations' (a chat), 'prompt'+'completion', 'instruction'+'output', or 'text'; "
@@ -38,13 +39,24 @@ def is_dataset_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
+def _builtin():
+    from .tasks import builtin  # late: tasks read their files through this module
+
+    return builtin
+
+
 def is_record_source(source: str) -> bool:
+    if _builtin().is_builtin(source):
+        return True
     path = Path(source).expanduser()
     return path.suffix.lower() in SUFFIXES or is_dataset_folder(path)
 
 
 def read(source: str) -> list[tuple[str, dict]]:
-    """[(where, record)] from a record file or dataset folder; where = 'file:line' for messages."""
+    """[(where, record)] from a record file, a dataset folder or a built-in task (its training
+    split); where = 'file:line' for messages."""
+    if _builtin().is_builtin(source):
+        return _builtin().train_records(source)
     path = Path(source).expanduser()
     if is_dataset_folder(path):
         return _dataset(path)

@@ -45,6 +45,9 @@ class Tracker:
         for key, (tag, scale) in SCALARS.items():
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key] * scale, record["step"])
+        for key, value in record.items():  # task accuracy: task/<name>[/acc_norm], as named in metrics.jsonl
+            if key.startswith("task/") and value is not None:
+                self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ def run_identity(model, blocks, prepared, cfg: TrainConfig, extra: dict | None =
 
 
 def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on_step=None, show=True,
-          resume: bool = False, identity: dict | None = None, on_record=None) -> list[dict]:
+          resume: bool = False, identity: dict | None = None, on_record=None, on_eval=None) -> list[dict]:
     """Train `model` (already prepared by a strategy) on `blocks`; return the metric records.
 
     `on_step(step, record, optimizer)` is called after every optimizer step (before the record
@@ -110,6 +110,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     sees every record as it is written (the step-0 evaluation too), e.g. for a tracker. With `resume`,
     training continues from the newest checkpoint in `out` (from the start if there is none).
     `identity` adds entries (e.g. the model's and data's names) to what a resume must match.
+    `on_eval(model) -> dict` adds numbers to every evaluation record (task accuracy), beside eval_loss.
     """
     out = Path(out) if out is not None else None
     device = distributed.init(runtime.pick_device(cfg.device))
@@ -190,8 +191,9 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         if on_record and main:
             on_record(record)
 
-    def evaluate():
-        return held_out_loss(model, blocks, device, dtype, cfg.batch_size, forward=loss_module)
+    def evaluate() -> dict:
+        found = {"eval_loss": held_out_loss(model, blocks, device, dtype, cfg.batch_size, forward=loss_module)}
+        return found | (on_eval(model) if on_eval else {})
 
     world = distributed.world_size()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
@@ -201,7 +203,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         with StopSignals() as signals, Progress(cfg.steps, show=show and main, done=first - 1) as bar:
             if eval_every > 0 and not state:
                 bar.phase("evaluating before training")
-                emit({"step": 0, "eval_loss": evaluate()})
+                emit({"step": 0, **evaluate()})
                 bar.phase(None)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -257,7 +259,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     record |= {"skipped": True, "skipped_total": skipped}
                 if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
                     bar.phase("evaluating", step)
-                    record["eval_loss"] = evaluate()
+                    record |= evaluate()
                 if on_step:
                     on_step(step, record, opt)
                 emit(record)

@@ -135,7 +135,7 @@ def read_patterns(items, what: str, of: str = "float", low=None) -> list:
 
 
 def pattern_value(patterns, path: str, default, kind=float):
-    """peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins, i.e.
+    r"""peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins, i.e.
     matches in full the path or a part of it after a dot (peft: re.match(rf"(.*\.)?({key})$")).
     `patterns`: 'PATTERN=VALUE' items or `read_patterns`' pairs."""
     ends = [path] + [path[i + 1:] for i, ch in enumerate(path) if ch == "."]
