@@ -64,9 +64,13 @@ def build_world(root: Path) -> Path:
     code = main(["train", "-m", "tiny-llama", "-d", str(root / "text.txt"), "-s", "lora:r=4", "--steps", "2",
                  "--seq-len", "32", "-o", str(root / "run"), "--quiet"])
     assert code == 0, "the world's train run failed"
-    code = main(["compare", "-m", "tiny-llama", "-d", str(root / "text.txt"), "-s", "full", "--steps", "2",
-                 "--seq-len", "32", "-o", str(root / "cmp"), "--quiet", "--forget", "none", "--samples", "1",
-                 "--gen-tokens", "4"])
+    here = os.getcwd()
+    os.chdir(root)  # relative paths in its job, so a copy of the world is the same comparison
+    try:
+        code = main(["compare", "-m", "tiny-llama", "-d", "text.txt", "-s", "full", "--steps", "2", "--seq-len", "32",
+                     "-o", "cmp", "--quiet", "--forget", "none", "--samples", "1", "--gen-tokens", "4"])
+    finally:
+        os.chdir(here)
     assert code == 0, "the world's comparison failed"
     m = load_model("tiny-llama")
     m.model.save_pretrained(root / "model")

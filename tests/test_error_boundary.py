@@ -3,6 +3,7 @@ interrupt that says what was kept (130 / 143), or an internal error that calls i
 with its traceback saved to a file (1). And one writer per output folder."""
 
 import errno
+import json
 import os
 import re
 import signal
@@ -166,7 +167,8 @@ def test_compare_never_runs_two_workers_on_one_strategy_folder(capsys, tmp_path)
     text.write_text("Call me Ishmael. " * 300)
     out = tmp_path / "cmp"
     (out / "strategies" / "full").mkdir(parents=True)
-    (out / "strategies" / "full" / "job.json").write_text("{}")  # what the running worker was given
+    job = {"model": "tiny-llama", "data": str(text)}  # what the running worker was given (in part)
+    (out / "strategies" / "full" / "job.json").write_text(json.dumps(job))
     with outputs.lock(out / "strategies" / "full"):
         code, _, err = run(capsys, "compare", "-m", "tiny-llama", "-d", text, "-s", "full", "--steps", 1,
                            "--seq-len", 32, "-o", out, "--quiet", "--forget", "none")
@@ -199,3 +201,41 @@ def test_out_on_a_read_only_file_system(capsys, read_only_folder, tmp_path):
     assert code == 2
     assert err.strip() == f"peftlab: error: --out {read_only_folder / 'run'}: cannot write in {read_only_folder} " \
                           "(Read-only file system)"
+
+
+def test_a_destination_inside_one_being_written_is_refused(capsys, tmp_path):
+    """merge --overwrite onto a folder that holds another process's output folder: refused."""
+    from peftlab import load_model, prepare
+    from peftlab.artifacts import save
+
+    m = load_model("tiny-llama")
+    adapter = save(m.model, prepare(m.model, "lora:r=2"), tmp_path / "lora", base_model="tiny-llama")
+    (tmp_path / "P" / "a").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from peftlab import outputs\n"
+                               f"with outputs.lock({str(tmp_path / 'P' / 'a')!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        code, _, err = run(capsys, "merge", "-m", "tiny-llama", "-a", adapter, "-o", tmp_path / "P", "--overwrite")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert re.search(r"--out \S+/P holds \S+/P/a, which another peftlab process \(pid \d+\) is writing", err)
+    assert (tmp_path / "P" / "a").is_dir()
+
+
+def test_nproc_overwrite_checks_everything_before_replacing(tmp_path, bad_world):
+    """--nproc 2 --overwrite with data that does not exist: the finished run stays whole."""
+    import shutil
+
+    from bad_input import snapshot
+
+    shutil.copytree(bad_world / "run", tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "peftlab", "train", "-m", "tiny-llama", "-d", str(tmp_path / "nope.txt"),
+                           "--nproc", "2", "--batch-size", "2", "--overwrite", "-o", str(tmp_path / "run"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "data not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(tmp_path / "run") == before

@@ -10,6 +10,7 @@
 A command tells the boundary what an interrupt keeps through `obj["kept"]`.
 """
 
+import errno
 import sys
 
 try:  # typer ships its own copy of click
@@ -21,6 +22,12 @@ from typer import Abort
 
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, Stop, stop_on_signals
+
+
+# Refusals of the file system that are about the user's machine, not about peftlab: one line.
+ENVIRONMENT = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+               errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EIO, errno.EBUSY, errno.ELOOP,
+               errno.EXDEV}
 
 
 class Exit(Exception):
@@ -49,7 +56,8 @@ def guarded(command, obj: dict) -> int:
         return e.exit_code
     except (Stop, KeyboardInterrupt, Abort) as e:
         signum = e.signum if isinstance(e, Stop) else 2
-        print(f"peftlab: stopped by {'SIGTERM' if signum == 15 else 'Ctrl-C'}; {obj['kept']}", file=sys.stderr)
+        kept = obj["kept"]() if callable(obj["kept"]) else obj["kept"]  # what is on disk now, not what was planned
+        print(f"peftlab: stopped by {'SIGTERM' if signum == 15 else 'Ctrl-C'}; {kept}", file=sys.stderr)
         return 128 + signum
     except RunFailed as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
@@ -64,7 +72,9 @@ def guarded(command, obj: dict) -> int:
     except click_errors.UsageError as e:
         sub = e.ctx.command.name if e.ctx and e.ctx.command.name not in (None, "", "peftlab") else ""
         return error(f"{e.format_message()} (see: peftlab {sub + ' ' if sub else ''}--help)")
-    except OSError as e:  # read-only, no space, not a folder...: the environment, not a bug
+    except OSError as e:
+        if e.errno not in ENVIRONMENT:  # a missing file we meant to have is a bug of ours
+            return bug(obj.get("argv", []))
         where = f" {e.filename}" if e.filename else ""
         return error(f"cannot use{where}: {e.strerror or e}")
     except RecursionError:

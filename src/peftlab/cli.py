@@ -1,6 +1,7 @@
 """The `peftlab` command line. Every user mistake becomes one line on stderr and exit code 2."""
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -115,26 +116,33 @@ def train(
                         "add --resume to continue it, --overwrite to start it anew, or choose another --out")
     resume = resume and unfinished is not None  # --resume with nothing to resume starts the run (preemptible jobs always pass it)
     inputs = (model, data, config, strategy if strategy.endswith(".toml") else None, *(t.source for t in tasks))
-    if distributed.launched():  # a torchrun worker: the launching process claimed --out and holds its lock
-        return _train(ctx, out_dir, inputs, locals())
     held = "a finished run, its adapter is " + str(out_dir / "adapter") if finished else ""
-    with outputs.claim(out_dir, inputs=inputs, overwrite=overwrite, continuing=resume, what_exists=held):
-        ctx.obj["kept"] = (f"checkpoints in {out_dir} are kept: continue with --resume" if resume or checkpoint_every
-                           else "nothing was written")
+    policy = dict(inputs=inputs, overwrite=overwrite, continuing=resume, what_exists=held)
+    ctx.obj["kept"] = lambda: (f"checkpoints in {out_dir} are kept: continue with --resume" if checkpoint.latest(out_dir)
+                               else "nothing was written")
+    if distributed.launched():
+        # Under `peftlab train --nproc N` the launcher claimed --out and holds its lock; under a
+        # torchrun started by hand, rank 0 claims it (the other ranks write nothing).
+        if os.environ.get(CLAIMED) != str(outputs.real(out_dir)) and distributed.is_main():
+            ctx.with_resource(outputs.claim(out_dir, **policy))
+        return _train(ctx, out_dir, locals())
+    with outputs.claim(out_dir, **policy):
         if nproc > 1:
-            if overwrite and not resume:
-                outputs.clear(out_dir)
             argv = _argv_without(ctx.obj["argv"], "--nproc")
-            code = distributed.launch(nproc, argv)
+            code = distributed.launch(nproc, argv, env={CLAIMED: str(outputs.real(out_dir))})
             if code:
                 raise Exit(code, "" if code in (2, 130, 143) else
-                            f"a training process failed (exit {code}; its message is above); no adapter was written, "
-                            f"checkpoints in {out_dir} are intact: continue with --resume")
+                            f"a training process failed (exit {code}; its message is above); no adapter was written"
+                            + (f", checkpoints in {out_dir} are intact: continue with --resume" if checkpoint.latest(out_dir)
+                               else ""))
             return
-        return _train(ctx, out_dir, inputs, locals())
+        return _train(ctx, out_dir, locals())
 
 
-def _train(ctx, out_dir: Path, inputs, a: dict):
+CLAIMED = "PEFTLAB_CLAIMED_OUT"  # set by the --nproc launcher for its workers: the --out it holds
+
+
+def _train(ctx, out_dir: Path, a: dict):
     """The run itself, once --out is claimed: load and check everything, then write."""
     from . import artifacts, checkpoint, distributed, report_to as report_to_mod, run as run_mod, runtime
     from .files import write_json
@@ -172,9 +180,9 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
     if previous:
         run["resumed"] = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0]
     created = not out_dir.exists()
+    # --overwrite: the old run moves aside in one rename and comes back if this one fails.
+    aside = outputs.set_aside(out_dir) if main_process and a["overwrite"] and not resume else None
     if main_process:
-        if overwrite and not resume and not distributed.launched():
-            outputs.clear(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, run)
     start = time.perf_counter()
@@ -185,10 +193,14 @@ def _train(ctx, out_dir: Path, inputs, a: dict):
         folder = run_mod.save(job, out_dir / "adapter", show)
     except BaseException:
         if main_process and not resume and checkpoint.latest(out_dir) is None:
-            _unwrite(out_dir, created)  # nothing to resume from: leave no trace of the failed run
+            _unwrite(out_dir, created or aside is not None)  # nothing to resume from: leave no trace of the failed run
+            outputs.restore(aside, out_dir)
+        else:
+            outputs.drop(aside)  # the new run can be resumed: it replaces the old one, as --overwrite asked
         raise
     finally:
         tracker.close()
+    outputs.drop(aside)
     if not main_process:
         return
     size = artifacts.size_on_disk(folder)
@@ -229,10 +241,19 @@ def _finished(folder: Path) -> bool:
         return False
 
 
-def _comparison(folder: Path) -> bool:
-    """True when `folder` holds a peftlab comparison (whose finished strategies a rerun reuses)."""
-    return (folder / "strategies").is_dir() and all(
-        (p / "job.json").is_file() for p in (folder / "strategies").iterdir() if p.is_dir())
+def _comparison(folder: Path, model: str, data: str) -> bool:
+    """True when `folder` holds a peftlab comparison of this model and data (whose finished
+    strategies a rerun reuses, and to which it may add strategies)."""
+    strategies = [p for p in (folder / "strategies").iterdir() if p.is_dir()] if (folder / "strategies").is_dir() else []
+    if not strategies or not all((p / "job.json").is_file() for p in strategies):
+        return False
+    try:
+        jobs = [json.loads((p / "job.json").read_text()) for p in strategies]
+        summary = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return False
+    same = all(isinstance(j, dict) and j.get("model") == model and j.get("data") == data for j in jobs)
+    return same and (summary is None or (summary.get("model"), summary.get("data")) == (model, data))
 
 
 def _argv_without(argv: list[str], option: str) -> list[str]:
@@ -328,11 +349,11 @@ def compare(
 
     for entry in strategy:
         parse_strategy(split_lr(entry, lr)[0])
-    mine = _comparison(out_dir)
+    mine = _comparison(out_dir, model, data)
     inputs = (model, data, config, None if forget in ("auto", "none") else forget,
               *[e for e in strategy if split_lr(e, lr)[0].endswith(".toml")])
     with outputs.claim(out_dir, inputs=inputs, overwrite=overwrite, continuing=mine,
-                       what_exists="not a comparison folder" if not mine else ""):
+                       what_exists="not a comparison of this model and data" if not mine else ""):
         loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
         blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
         run_mod.check_batch(blocks, batch_size, data)
@@ -373,8 +394,11 @@ def bench(
 
     o.positive(steps=steps, repeats=repeats, batch_size=batch_size, seq_len=seq_len)
     o.at_least_zero(warmup_steps=warmup_steps)
-    if out_file is not None:  # RESULTS.md and its RESULTS.json follow the output policy, held until the command ends
-        for f in (out_file, out_file.with_suffix(".json")):
+    if out_file is not None:  # RESULTS.md, its .json (and the curves' .png) follow the output policy, held until the end
+        if out_file.suffix.lower() in (".json", ".png"):
+            raise UserError(f"--out {out_file}: give the Markdown file to write (e.g. RESULTS.md); its .json "
+                            f"{'and .png ' if curves else ''}are written beside it")
+        for f in [out_file, out_file.with_suffix(".json")] + ([out_file.with_suffix(".png")] if curves else []):
             ctx.with_resource(outputs.claim(f, inputs=(model, data, config), overwrite=overwrite, kind="file"))
     for c in case or []:
         if c not in CONFIGS:
@@ -512,8 +536,12 @@ def main(argv=None) -> int:
     command = typer.main.get_command(app)
     argv = list(sys.argv[1:] if argv is None else argv)
     obj = {"argv": argv, "kept": "nothing was written"}  # a command says here what an interrupt keeps
-    return guarded(lambda: command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
+    code = guarded(lambda: command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
                                         default_map=o.run_config(command, argv)), obj)
+    from . import distributed
+
+    distributed.report_exit(code)  # a worker of `train --nproc`: its launcher reads this
+    return code
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ the CPU, NCCL on GPUs. Only rank 0 writes files.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -171,27 +174,62 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+EXIT_DIR = "PEFTLAB_EXIT_DIR"  # where each worker of `launch` leaves its exit code
+
+
+def report_exit(code: int) -> None:
+    """A worker started by `launch`: leave this process's exit code for the launcher."""
+    folder = os.environ.get(EXIT_DIR)
+    if folder and launched():
+        (Path(folder) / f"rank-{rank()}").write_text(str(code))
+
+
+def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
     """`peftlab train --nproc N ...`: run the same command under torchrun with N processes.
 
     Signals reach the workers through torchrun (SIGTERM/SIGINT make each one finish its
     step and checkpoint). Returns the exit code: 0, 2 for a user error, 128+signal, or 1."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--tee=0", "-m", "peftlab", *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    proc = subprocess.Popen(cmd, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+               **(env or {}))
+    exits = tempfile.mkdtemp(prefix="peftlab-exits-")
+    env[EXIT_DIR] = exits
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    import re
     import signal
+    import threading
 
-    got = []
+    got, said = [], []
 
     def forward(signum, frame):
         got.append(signum)
         proc.send_signal(signum)
 
+    def relay():
+        """The workers' lines pass through once each (every rank may say the same); torchrun's
+        own report of a failed worker (glog lines, its traceback) does not: the worker's line
+        already said what went wrong."""
+        noise = False
+        for line in proc.stderr:
+            noise = noise or line.startswith("Traceback") or bool(re.match(r"[EWIF]\d{4} ", line))
+            if noise or line in said:
+                continue
+            said.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    reader.join(timeout=10)
+    codes = {int(f.read_text() or 1) for f in Path(exits).glob("rank-*")}
+    shutil.rmtree(exits, ignore_errors=True)
+    if code and not got and codes - {0}:  # torchrun says 1 for any failed worker; the workers said which kind
+        return 1 if 1 in codes else max(codes - {0})
     return 128 + got[0] if got and code else code

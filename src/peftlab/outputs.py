@@ -92,23 +92,50 @@ def _writable(folder: Path, flag: str, given) -> None:
         raise UserError(f"{flag} {given}: cannot write in {folder} ({e.strerror or e})") from None
 
 
+def lock_folder() -> Path:
+    """One place for every process on the machine, whatever its TMPDIR: /tmp where it exists."""
+    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    folder = base / "peftlab-locks"
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, 0o1777)  # every user locks here; the sticky bit keeps their files theirs
+    return folder
+
+
+def _holder(file: Path) -> tuple[str, Path] | None:
+    """(pid, destination) of a lock file another process holds now, else None."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        pid, _, where = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+        return pid or "unknown", Path(where)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def lock(path, flag: str = "--out"):
     """Hold the advisory lock of destination `path` for the duration; refuse if another
-    process holds it, naming its pid."""
+    process holds it, or holds one of a destination inside it or around it (a merge with
+    --overwrite must not remove a folder another run is writing into), naming its pid."""
     dest = real(path)
-    folder = Path(tempfile.gettempdir()) / "peftlab-locks"
-    folder.mkdir(mode=0o1777, exist_ok=True)
+    folder = lock_folder()
     file = folder / (hashlib.sha256(str(dest).encode()).hexdigest()[:32] + ".lock")
+    other = f", or choose another {flag}" if flag.startswith("--") else ""
     while True:
-        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").split()[:1]
             os.close(fd)
             pid = holder[0] if holder else "unknown"
-            other = f", or choose another {flag}" if flag.startswith("--") else ""
             raise UserError(f"{flag} {path} is in use by another peftlab process (pid {pid}); "
                             f"wait for it to finish{other}") from None
         # The holder before us may have unlinked the file after we opened it: lock the live one.
@@ -120,8 +147,14 @@ def lock(path, flag: str = "--out"):
             break
         os.close(fd)
     try:
+        os.fchmod(fd, 0o666)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {dest}\n".encode(), 0)
+        for f in folder.glob("*.lock"):
+            held = _holder(f) if f != file else None
+            if held and held[0] != str(os.getpid()) and _relation(dest, held[1]) in ("holds", "is inside"):
+                raise UserError(f"{flag} {path} {_relation(dest, held[1])} {held[1]}, which another peftlab process "
+                                f"(pid {held[0]}) is writing; wait for it to finish{other}")
         yield fd  # a child process that inherits it (pass_fds) holds the lock with us
     finally:
         try:
@@ -137,6 +170,29 @@ def claim(path, **policy):
     more useful of the two messages), and nothing changes between the check and the write."""
     with lock(path, policy.get("flag", "--out")):
         yield check(path, **policy)
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move an existing destination the user allowed to be replaced (--overwrite) out of the
+    way in one rename; `restore` puts it back if the new run fails, `drop` removes it."""
+    folder = Path(folder)
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return None
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.replaced-"))
+    os.replace(folder, aside / folder.name)
+    return aside
+
+
+def restore(aside: Path | None, folder: Path) -> None:
+    if aside is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(aside / Path(folder).name, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def drop(aside: Path | None) -> None:
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def clear(folder: Path) -> None:

@@ -136,6 +136,10 @@ def main(argv=None) -> int:
         return e.exit_code
     except Stop as e:
         return 128 + e.signum
+    except Exception:  # noqa: BLE001  (a bug: its traceback saved, its file named on the last line)
+        from ..boundary import bug
+
+        return bug([str(job_path)])
     return 0
 
 
