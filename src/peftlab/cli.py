@@ -168,7 +168,13 @@ def _train(ctx, out_dir: Path, a: dict):
 
     trainable, total = count(job.model)["total"]
     run_file = out_dir / "run.json"
-    previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
+    try:
+        previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
+    except (ValueError, UnicodeDecodeError) as e:
+        from .errors import warn
+
+        warn(f"{run_file} is damaged ({e}); it is written anew (the checkpoints are what resumes)")
+        previous = None
     run = {"command": "train", "model": model, "data": data,
            "data_options": {"text_column": a["text_column"], "system": a["system"]},
            "strategy": job.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
