@@ -157,3 +157,38 @@ def test_accuracy_lands_in_metrics_and_run_json(cli, tmp_path):
     result = json.loads((out / "run.json").read_text())["result"]["tasks"]["arith"]
     assert result["n"] == 23 and len(result["correct"]) == 23 and result["curve"][0][0] == 0
     assert "task arith: accuracy" in stdout
+
+
+def test_accuracy_in_compare_summary_report_and_peftlab_report(cli, tmp_path):
+    out = tmp_path / "cmp"
+    code, stdout, err = cli("compare", "-m", "tiny-llama", "-d", "arith:digits=1", "--task", "arith:digits=1",
+                            "-s", "full", "-s", "lora:r=4", "--steps", 4, "--seq-len", 64, "--eval-every", 2,
+                            "--forget", "none", "--samples", 1, "--gen-tokens", 4, "-o", out, "--quiet")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for r in results["strategies"]:
+        t = r["tasks"]["arith"]
+        assert t["n"] == 23 and len(t["correct"]) == 23 and [s for s, _ in t["curve"]] == [0, 2, 4]
+    summary = (out / "summary.md").read_text()
+    assert "| arith acc |" in summary and "McNemar" in summary and "| arith | full | lora:r=4 | 23 |" in summary
+    page = (out / "report.html").read_text()
+    assert 'id="fig-accuracy"' in page and 'id="paired-table"' in page
+    run = tmp_path / "run"
+    assert cli("train", "-m", "tiny-llama", "-d", "arith:digits=1", "--task", "arith:digits=1", "--steps", 2,
+               "--seq-len", 64, "-o", run, "--quiet")[0] == 0
+    code, stdout, err = cli("report", out, run, "-o", tmp_path / "all.html")
+    assert code == 0, err
+    assert "arith acc" in stdout and stdout.count("→") >= 3
+    assert 'id="fig-accuracy"' in (tmp_path / "all.html").read_text()
+
+
+def test_bad_task_files_on_the_command_line(cli, tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"prompt": "Pick", "choices": ["a", "b"], "label": 5}) + "\n")
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", "arith:digits=1", "--task", f, "--steps", 2, "-o",
+                       tmp_path / "run", "--quiet")
+    assert code == 2 and err.strip().endswith("t.jsonl:1: field 'label' is 5, out of range for 2 choices (0 to 1)")
+    assert not (tmp_path / "run").exists()
+    code, _, err = cli("train", "-m", "tiny-llama", "-d", "arith:digits=1", "--task", tmp_path / "nope.jsonl",
+                       "--steps", 2, "-o", tmp_path / "run", "--quiet")
+    assert code == 2 and "no such file" in err and not (tmp_path / "run").exists()

@@ -331,14 +331,15 @@ def compare(
     seed: int = o.SEED, dtype: str = o.DTYPE, device: str = o.DEVICE, grad_accum: int = o.GRAD_ACCUM,
     eval_every: int = o.EVAL_EVERY, grad_checkpoint: bool = o.GRAD_CHECKPOINT, compile: Optional[bool] = o.COMPILE,
     base_precision: str = o.BASE_PRECISION, master_weights: str = o.MASTER_WEIGHTS, report_to: str = o.REPORT_TO,
-    overwrite: bool = o.OVERWRITE,
+    task: Optional[List[str]] = o.TASKS, overwrite: bool = o.OVERWRITE,
     forget: str = typer.Option("auto", "--forget", help="unrelated text for the forgetting check (auto: alice <-> moby-dick; none)"),
     samples: int = typer.Option(3, "--samples", help="seeded samples for the style metric"),
     gen_tokens: int = typer.Option(48, "--gen-tokens", help="tokens generated per sample"),
     quiet: bool = o.QUIET, config: Optional[Path] = o.CONFIG,
 ):
     """Train several strategies from identical weights on identical batches; write report.html."""
-    from . import data as data_mod, models, report_to as report_to_mod, run as run_mod, runtime
+    from . import data as data_mod, models, report_to as report_to_mod, run as run_mod, runtime, tasks as tasks_mod
+    from .tasks.score import encode
     from .train import TrainConfig
     from .workbench import compare as run_compare
 
@@ -355,14 +356,17 @@ def compare(
 
     for entry in strategy:
         parse_strategy(split_lr(entry, lr)[0])
+    tasks = tasks_mod.load_all(task)  # every task item checked before a model loads
     mine = _comparison(out_dir, model, data)
     inputs = (model, data, config, None if forget in ("auto", "none") else forget,
-              *[e for e in strategy if split_lr(e, lr)[0].endswith(".toml")])
+              *[e for e in strategy if split_lr(e, lr)[0].endswith(".toml")], *(t.source for t in tasks))
     with outputs.claim(out_dir, inputs=inputs, overwrite=overwrite, continuing=mine,
                        what_exists="not a comparison of this model and data" if not mine else ""):
         loaded = models.load(model, seed=seed)  # fail fast on a bad model or data, before any worker starts
         blocks = data_mod.load_blocks(loaded, data, seq_len, text_column=text_column, system=system)
         run_mod.check_batch(blocks, batch_size, data)
+        for t in tasks:  # every item fits --seq-len
+            encode(loaded, t.items, seq_len)
         if overwrite and not mine:
             outputs.clear(out_dir)
         cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, dtype=dtype, device=device,
@@ -372,7 +376,7 @@ def compare(
         summary = run_compare(model, data, strategy, out_dir, cfg, forget=None if forget == "none" else forget,
                               samples=samples, gen_tokens=gen_tokens, show=not quiet, log=out.print,
                               data_options={"text_column": text_column, "system": system}, report_to=report_to,
-                              overwrite=overwrite)
+                              overwrite=overwrite, tasks=task)
     print((out_dir / "summary.md").read_text())
     out.print(f"report: {(out_dir / 'report.html').resolve()}")
     return summary

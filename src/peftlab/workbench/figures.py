@@ -11,6 +11,8 @@ import io
 import math
 import re
 
+from . import accuracy
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 DPI = 110
 
@@ -81,6 +83,11 @@ def figures(summary: dict) -> list[tuple[str, str, str, list]]:
 
     def add(id_, caption, fig, hover=()):
         figs.append((id_, caption, *_png(fig, hover)))
+
+    scored = accuracy.figure(res, color, plt)
+    if scored:
+        add("fig-accuracy", "Task accuracy: during training, and at the end with 95% Wilson intervals", scored[0],
+            [h for h in scored[1]])
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     ha = _lines(a, res, color, "train_loss")

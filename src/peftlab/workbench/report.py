@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..files import write_text
+from . import accuracy
 from .figures import figures, final as _final
 
 
@@ -26,6 +27,7 @@ def rows(summary: dict) -> list[dict]:
     """One flat row of headline numbers per entry (shared by summary.md and the HTML); what an
     entry did not measure (a plain train run has no style or drift) shows as —."""
     out = []
+    names = accuracy.task_names(summary["strategies"])
     for r in summary["strategies"]:
         st, fg = r.get("style"), r.get("forgetting") or {}
         tps = sorted(r.get("tokens_per_s") or [0])
@@ -46,7 +48,7 @@ def rows(summary: dict) -> list[dict]:
             "forgetting loss": (f"{fg['before']:.3f} → {fg['after']:.3f}" if fg.get("before") is not None else "—"),
             "artifact MB": _mb(r.get("artifact_bytes")),
             "tracking % of step": f"{100 * wc['tracking_share_of_step_time']:.1f}" if wc else "—",
-        })
+        } | accuracy.columns(r, names))
     return out
 
 
@@ -83,6 +85,7 @@ font-size:12px;display:none;box-shadow:0 1px 4px #0003;white-space:pre;z-index:9
 <p class="meta">model <b>{model}</b> · data <b>{data}</b> · unrelated text <b>{forget}</b> · {steps} steps ·
 batch {batch} × seq {seq} · dtype {dtype} · identical initial weights: <b>{identical}</b> · {hardware} · report made {made}</p>
 {table}
+{paired}
 <h2 id="runs">Runs</h2>
 {runs}
 <p class="meta">Move the pointer over a curve to read its values.</p>
@@ -151,6 +154,7 @@ def page(summary: dict, title: str = "peftlab comparison") -> str:
         dtype=_common(c.get("dtype") for c in cfgs), identical=summary.get("identical_initial_weights", "—"),
         hardware=html.escape(f"{hw.get('cpu')} · {hw.get('cores')} cores"),
         made=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), table=html_table(rows(summary)),
+        paired=accuracy.html_section(res, html_table),
         runs=html_table(run_rows(summary), "runs-table"), figures=fig_html,
         prompt=html.escape(sampled[0]["samples"]["prompt"] if sampled else "—"), samples=samples)
 
@@ -162,5 +166,7 @@ def write_report(summary: dict, out: Path) -> None:
     head = (f"# peftlab comparison\n\nmodel `{summary['model']}`, data `{summary['data']}`, {cfg['steps']} steps, "
             f"batch {cfg['batch_size']} × seq {cfg['seq_len']}, dtype {cfg['dtype']}; identical initial weights: "
             f"{summary['identical_initial_weights']}.\n\n")
-    write_text(Path(out) / "summary.md", head + markdown_table(table))
+    pairs = accuracy.paired(summary["strategies"])
+    paired = "\n## Task accuracy, paired (McNemar, exact)\n\n" + markdown_table(pairs) if pairs else ""
+    write_text(Path(out) / "summary.md", head + markdown_table(table) + paired)
     write_text(Path(out) / "report.html", page(summary))

@@ -70,6 +70,7 @@ def _train_run(folder: Path) -> tuple[dict, list[dict]]:
         "step_time_s": times, "step_time_median_s": statistics.median(times) if times else None,
         "tokens_per_s": [r["tokens_per_s"] for r in steps], "peak_memory_bytes": max((r.get("peak_mem") or 0 for r in steps), default=None),
         "memory_kind": "process peak RSS (VmHWM)", "artifact_bytes": run["result"].get("adapter_bytes"),
+        "tasks": run["result"].get("tasks") or {},
     }
     return {"model": run["model"], "data": run["data"], "forget": None}, [entry]
 

@@ -23,6 +23,8 @@ from ..params import storage_bytes
 from ..params import count
 from ..progress import phase
 from ..report_to import Tracker
+from ..tasks import load_all
+from ..tasks.evaluate import Scorer, summary as task_summary
 from ..train import TrainConfig, held_out_loss
 from .style import greedy_text, style_share, top_tokens
 from .tracking import WeightTracker
@@ -55,6 +57,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
     top = top_tokens(blocks.train_ids)
     prompt = blocks.held_ids[:1, : job["prompt_tokens"]].to(device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
+    scorer = Scorer(loaded, load_all(job.get("tasks")), cfg.seq_len, device, dtype)
     prepared = run_mod.prepare(r, job["strategy"]).prepared
     will_train = set(methods.trainable_parameters(loaded.model)) | {n for v in prepared.unfreeze_at.values() for n in v}
     loaded.model.to(device)
@@ -80,7 +83,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
 
     start = time.perf_counter()
     try:
-        records = run_mod.fit(r, out=folder, show=show, on_step=on_step, on_record=board.log)
+        records = run_mod.fit(r, out=folder, show=show, on_step=on_step, on_record=board.log, on_eval=scorer or None)
     finally:
         board.close()
     total = time.perf_counter() - start
@@ -103,6 +106,7 @@ def run(job: dict, folder: Path, show: bool = True) -> dict:
         "train_loss": [[r["step"], r["loss"]] for r in steps],
         "lr": [[r["step"], r["lr"]] for r in steps], "grad_norm": [[r["step"], r["grad_norm"]] for r in steps],
         "eval_loss": [[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r],
+        "tasks": task_summary(scorer, records),
         "weight_change": {"step": tracker.steps, "drift": tracker.final_drift(initial),
                           "tracking_s": tracker.seconds,
                           "tracking_share_of_step_time": tracker.seconds / max(1e-9, sum(r["step_time"] for r in steps))},
