@@ -192,3 +192,25 @@ def test_bad_task_files_on_the_command_line(cli, tmp_path):
     code, _, err = cli("train", "-m", "tiny-llama", "-d", "arith:digits=1", "--task", tmp_path / "nope.jsonl",
                        "--steps", 2, "-o", tmp_path / "run", "--quiet")
     assert code == 2 and "no such file" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora:r=4", "prompt:tokens=4", "prefix:tokens=4", "ia3", "adapter:r=4"])
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_the_shared_prefix_cache_changes_no_score(strategy, arch, monkeypatch):
+    """Scoring with the chat template's shared prefix computed once (its KV cache reused) gives
+    the scores of computing every row whole, for methods that act on the cache and the inputs."""
+    from conftest import perturb
+    from peftlab.tasks import score as score_mod
+
+    loaded = load_model(arch)
+    prepare(loaded.model, strategy)
+    perturb(loaded.model, 0.05)
+    loaded.model.eval()
+    items = load("arith:digits=2,n=12").items
+    rows = encode(loaded, items)
+    assert score_mod.shared_prefix(rows) > 3
+    shared = row_scores(loaded.model, rows, torch.device("cpu"), budget=200)
+    monkeypatch.setattr(score_mod, "shared_prefix", lambda rows: 0)
+    whole = row_scores(loaded.model, rows, torch.device("cpu"), budget=200)
+    assert shared[0] == whole[0]
+    assert shared[1] == pytest.approx(whole[1], abs=1e-3)

@@ -79,35 +79,92 @@ def _choices(loaded, it: Choice):
     return out
 
 
+def shared_prefix(rows: Rows) -> int:
+    """Tokens every row begins with, short of the first position a row is scored from (a chat
+    template's system prompt is often half of every item: computed once, not once per row)."""
+    first = rows.ids[0]
+    n = min(min(rows.start) - 1, min(len(r) for r in rows.ids))
+    for r in rows.ids[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
+def _cache_name(model) -> str:
+    """The forward argument that takes a KV cache: `cache` from transformers 5.24, before it
+    `past_key_values` (still accepted, with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _hidden(model, ids, mask, cache):
+    """(B, T, d) last hidden states of `ids` after the cached prefix, through every hook on the
+    model, with the head run on no position (the scored ones are picked afterwards)."""
+    captured = []
+
+    def grab(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.base_model.register_forward_hook(grab)
+    none = torch.zeros(0, dtype=torch.long, device=ids.device)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, logits_to_keep=none,
+              **({_cache_name(model): cache} if cache is not None else {}))
+    finally:
+        handle.remove()
+    return captured[-1][:, -ids.shape[1]:]  # methods that prepend virtual tokens (prompt tuning) add positions
+
+
 @torch.no_grad()
-def row_scores(model, rows: Rows, device, budget: int = 1 << 27) -> tuple[list, list]:
+def row_scores(model, rows: Rows, device, budget: int = 1 << 16) -> tuple[list, list]:
     """Per row: (all scored tokens are the argmax, summed log-likelihood of the scored tokens).
 
-    Rows are batched by length, right-padded (causal attention: padding after a row cannot
-    change its logits); `budget` bounds batch × length × vocab, the logits' size."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    The shared prefix runs once per batch and its KV cache serves every row (as generation
+    would use it); rows are batched by length and right-padded (causal attention: padding after
+    a row cannot change it); the output layer runs only on the positions that predict scored
+    tokens. `budget` bounds batch × length."""
+    from transformers import DynamicCache
+
+    p = shared_prefix(rows) if len(rows.ids) > 1 else 0
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     order = sorted(range(len(rows.ids)), key=lambda r: len(rows.ids[r]))
     exact, loglik = [False] * len(order), [0.0] * len(order)
     i = 0
     while i < len(order):
-        length = len(rows.ids[order[min(len(order) - 1, i)]])
-        n = max(1, budget // max(1, length * vocab))
+        n = max(1, budget // max(1, len(rows.ids[order[min(len(order) - 1, i + 7)]]) - p))
         batch = order[i : i + n]
-        length = max(len(rows.ids[r]) for r in batch)
+        length = max(len(rows.ids[r]) for r in batch) - p
         ids = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), p + length, dtype=torch.long)
         for j, r in enumerate(batch):
-            ids[j, : len(rows.ids[r])] = torch.tensor(rows.ids[r])
+            ids[j, : len(rows.ids[r]) - p] = torch.tensor(rows.ids[r][p:])
             mask[j, : len(rows.ids[r])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logits = logits[:, -length:].float()  # methods that prepend virtual tokens (prompt tuning) add positions
-        logp = torch.log_softmax(logits, dim=-1)
+        cache = None
+        if p:
+            cache = DynamicCache()
+            model(input_ids=torch.tensor([rows.ids[batch[0]][:p]], device=device), use_cache=True,
+                  logits_to_keep=torch.zeros(0, dtype=torch.long, device=device), **{_cache_name(model): cache})
+            cache.batch_repeat_interleave(len(batch))
+        h = _hidden(model, ids.to(device), mask.to(device), cache)
+        # (row, position in the suffix) of every scored token's predecessor, and the token
+        where = [(j, t - 1 - p) for j, r in enumerate(batch) for t in range(rows.start[r], len(rows.ids[r]))]
+        gold = torch.tensor([rows.ids[r][t] for r in batch for t in range(rows.start[r], len(rows.ids[r]))], device=device)
+        sel = h[[j for j, _ in where], [t for _, t in where]]
+        logits = head(sel).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        hit = logits.argmax(-1) == gold
+        logp = torch.log_softmax(logits, -1).gather(-1, gold[:, None])[:, 0]
+        k = 0
         for j, r in enumerate(batch):
-            s, e = rows.start[r], len(rows.ids[r])
-            gold = ids[j, s:e].to(device)
-            pred = logits[j, s - 1 : e - 1]
-            exact[r] = bool((pred.argmax(-1) == gold).all())
-            loglik[r] = float(logp[j, s - 1 : e - 1].gather(-1, gold[:, None]).sum())
+            m = len(rows.ids[r]) - rows.start[r]
+            exact[r] = bool(hit[k : k + m].all())
+            loglik[r] = float(logp[k : k + m].sum())
+            k += m
         i += len(batch)
     return exact, loglik
 
