@@ -214,3 +214,24 @@ def test_the_shared_prefix_cache_changes_no_score(strategy, arch, monkeypatch):
     whole = row_scores(loaded.model, rows, torch.device("cpu"), budget=200)
     assert shared[0] == whole[0]
     assert shared[1] == pytest.approx(whole[1], abs=1e-3)
+
+
+def test_last_number_match_decodes_for_real(arith_model, tmp_path):
+    """match=last-number: what greedy decoding wrote, compared by its last number: an answer
+    wrapped in words counts, a wrong number does not; exact matching refuses the wrapping."""
+    loaded = arith_model
+    rows_items = [it for it in load("arith:digits=1").items]
+    exact = score(loaded.model, rows_items, encode(loaded, rows_items), torch.device("cpu"))
+    task = load("arith:digits=1,match=last-number")
+    assert task.match == "last-number" and task.source == "arith:digits=1"
+    loose = score(loaded.model, task.items, encode(loaded, task.items), torch.device("cpu"), loaded, task.match)
+    assert [a <= b for a, b in zip(exact["correct"], loose["correct"])] == [True] * len(task.items)
+    from peftlab.tasks.score import last_number
+
+    assert last_number("The answer is 1,234.") == "1234" and last_number("-5 then 7") == "7"
+    assert last_number("no number") is None
+    f = tmp_path / "words.jsonl"
+    f.write_text(json.dumps({"prompt": "?", "answer": "It is 12."}) + "\n")
+    assert load(f"{f}:match=last-number").match == "last-number"
+    with pytest.raises(UserError, match="match=fuzzy is not one of exact, last-number"):
+        load(f"{f}:match=fuzzy")

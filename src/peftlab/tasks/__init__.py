@@ -15,12 +15,18 @@ from pathlib import Path
 from ..errors import UserError
 from . import builtin, items as items_mod
 
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+MATCHES = ("exact", "last-number")
+
 
 @dataclass
 class Task:
     name: str
     source: str
     items: list
+    match: str = "exact"  # generation: the whole answer, or only the last number in it (as GSM8K scorers do)
 
     @property
     def kind(self) -> str:
@@ -42,9 +48,22 @@ def split_name(entry: str) -> tuple[str, str]:
     return name, source
 
 
+def split_match(source: str) -> tuple[str, str]:
+    """'qa.jsonl:match=last-number' -> ('qa.jsonl', 'last-number'); built-ins take it as an
+    option among theirs (arith:digits=3,match=last-number)."""
+    m = re.search(r"[:,]match=([^,:]*)$", source)
+    if not m:
+        return source, "exact"
+    if m.group(1) not in MATCHES:
+        raise UserError(f"--task {source}: match={m.group(1)} is not one of {', '.join(MATCHES)}")
+    rest = source[: m.start()]
+    return rest, m.group(1)
+
+
 def load(entry: str) -> Task:
     """One `--task` entry: its name, where its items come from, and the checked items."""
     name, source = split_name(entry)
+    source, match = split_match(source)
     if builtin.is_builtin(source):
         found = builtin.test_items(source)
     else:
@@ -54,7 +73,12 @@ def load(entry: str) -> Task:
         found = items_mod.read(source)
     if not found:
         raise UserError(f"--task {entry} holds no items")
-    return Task(name, source, found)
+    task = Task(name, source, found, match)
+    if match == "last-number" and task.kind != "generation":
+        raise UserError(f"--task {entry}: match=last-number applies to generation tasks, not multiple choice")
+    if match == "last-number" and not any(NUMBER.search(it.answer) for it in found):
+        raise UserError(f"--task {entry}: match=last-number, but no answer holds a number")
+    return task
 
 
 def load_all(entries) -> list[Task]:

@@ -17,7 +17,7 @@ class Scorer:
     of them when called; keeps the per-item results of the first and the latest call."""
 
     def __init__(self, loaded, tasks: list, seq_len: int | None, device, dtype):
-        self.tasks, self.device, self.dtype = tasks, device, dtype
+        self.tasks, self.device, self.dtype, self.loaded = tasks, device, dtype, loaded
         self.rows = [score_mod.encode(loaded, t.items, seq_len) for t in tasks]
         self.first, self.last = {}, {}
 
@@ -31,7 +31,7 @@ class Scorer:
         try:
             with runtime.autocast(self.device, self.dtype), torch.no_grad():
                 for task, rows in zip(self.tasks, self.rows):
-                    result = score_mod.score(model, task.items, rows, self.device)
+                    result = score_mod.score(model, task.items, rows, self.device, self.loaded, task.match)
                     self.first.setdefault(task.name, result)
                     self.last[task.name] = result
                     out[key(task.name)] = result["accuracy"]
@@ -48,7 +48,7 @@ def summary(scorer: Scorer, records: list) -> dict:
     out = {}
     for task in scorer.tasks:
         k = key(task.name)
-        entry = {"kind": task.kind, "source": task.source, "n": len(task.items),
+        entry = {"kind": task.kind, "source": task.source, "match": task.match, "n": len(task.items),
                  "curve": [[r["step"], r[k]] for r in records if k in r]}
         first, last = scorer.first.get(task.name), scorer.last.get(task.name)
         if first and last:

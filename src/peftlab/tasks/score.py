@@ -169,8 +169,42 @@ def row_scores(model, rows: Rows, device, budget: int = 1 << 16) -> tuple[list, 
     return exact, loglik
 
 
-def score(model, items: list, rows: Rows, device) -> dict:
+def last_number(text: str) -> str | None:
+    from . import NUMBER
+
+    found = NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+@torch.no_grad()
+def generated_last_numbers(model, loaded, items: list, rows: Rows, device, batch: int = 32) -> list[bool]:
+    """match=last-number: greedy decoding for real (left-padded batches, stopping at the end of
+    the turn), right when the last number of what it wrote is the answer's last number."""
+    tok = loaded.tokenizer
+    stop = sorted(set(tok.all_special_ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    right = [False] * len(items)
+    for i in range(0, len(rows.ids), batch):
+        chunk = range(i, min(len(rows.ids), i + batch))
+        prompts = [rows.ids[r][: rows.start[r]] for r in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts], device=device)
+        longest = max(len(rows.ids[r]) - rows.start[r] for r in chunk)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 16, do_sample=False,
+                             eos_token_id=stop, pad_token_id=pad)
+        for k, r in enumerate(chunk):
+            said = tok.decode(out[k, width:], skip_special_tokens=True)
+            gold = last_number(items[rows.item[r]].answer)
+            right[rows.item[r]] = gold is not None and last_number(said) == gold
+    return right
+
+
+def score(model, items: list, rows: Rows, device, loaded=None, match: str = "exact") -> dict:
     """{"accuracy", "correct": [bool per item]} (+ "acc_norm", "correct_norm" for multiple choice)."""
+    if match == "last-number":
+        correct = generated_last_numbers(model, loaded, items, rows, device)
+        return {"accuracy": sum(correct) / len(items), "correct": correct}
     exact, loglik = row_scores(model, rows, device)
     if isinstance(items[0], Generation):
         correct = [False] * len(items)
