@@ -111,7 +111,7 @@ CASES = [
          setup=lambda w: (w / "head.jsonl").write_text((json.dumps(GOOD) + "\n") * 20 + (json.dumps(USER_ONLY) + "\n") * 40)),
     Case("train-seq-len-1", train("{text}", "--seq-len", "1"), 2,
          r"--seq-len 1 leaves nothing to learn: the loss is next-token, so a block of T tokens has T-1 targets; use --seq-len 2 or more"),
-    Case("compare-seq-len-1", ["compare", "-m", "tiny-llama", "-d", "{text}", "-s", "full", "-s", "lora:r=4", "-o", "{tmp}/cmp",
+    Case("compare-seq-len-1", ["compare", "-m", "tiny-llama", "-d", "{text}", "-s", "full", "-s", "lora:r=4", "-o", "{tmp}/new-cmp",
                                "--steps", "1", "--seq-len", "1", "--quiet"], 2, r"--seq-len 1 leaves nothing to learn"),
     Case("bench-seq-len-1", ["bench", "-m", "tiny-llama", "-d", "{text}", "--steps", "1", "--seq-len", "1", "--dtype", "fp32"], 2,
          r"--seq-len 1 leaves nothing to learn"),
@@ -119,7 +119,7 @@ CASES = [
          r"^peftlab: error: --seq-len 1024 is more than tiny-gpt2's 512 positions; use --seq-len 512 or less$"),
     Case("train-seq-len-past-llama-positions", train("{text}", "--seq-len", "4096"), 2,
          r"--seq-len 4096 is more than tiny-llama's 512 positions; use --seq-len 512 or less$"),
-    Case("compare-seq-len-past-positions", ["compare", "-m", "tiny-gptneo", "-d", "{text}", "-s", "full", "-o", "{tmp}/cmp",
+    Case("compare-seq-len-past-positions", ["compare", "-m", "tiny-gptneo", "-d", "{text}", "-s", "full", "-o", "{tmp}/new-cmp",
                                             "--steps", "1", "--seq-len", "600", "--quiet"], 2,
          r"--seq-len 600 is more than tiny-gptneo's 512 positions"),
     # model folders and files
