@@ -119,13 +119,14 @@ def _hidden(model, ids, mask, cache):
 
 
 @torch.no_grad()
-def row_scores(model, rows: Rows, device, budget: int = 1 << 16) -> tuple[list, list]:
+def row_scores(model, rows: Rows, device, budget: int = 1 << 11, chunk: int = 256) -> tuple[list, list]:
     """Per row: (all scored tokens are the argmax, summed log-likelihood of the scored tokens).
 
     The shared prefix runs once per batch and its KV cache serves every row (as generation
     would use it); rows are batched by length and right-padded (causal attention: padding after
     a row cannot change it); the output layer runs only on the positions that predict scored
-    tokens. `budget` bounds batch × length."""
+    tokens. `budget` bounds batch × length, `chunk` the positions whose logits exist at once, so
+    scoring never raises a run's peak memory much above training's."""
     from transformers import DynamicCache
 
     p = shared_prefix(rows) if len(rows.ids) > 1 else 0
@@ -154,11 +155,14 @@ def row_scores(model, rows: Rows, device, budget: int = 1 << 16) -> tuple[list, 
         where = [(j, t - 1 - p) for j, r in enumerate(batch) for t in range(rows.start[r], len(rows.ids[r]))]
         gold = torch.tensor([rows.ids[r][t] for r in batch for t in range(rows.start[r], len(rows.ids[r]))], device=device)
         sel = h[[j for j, _ in where], [t for _, t in where]]
-        logits = head(sel).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        hit = logits.argmax(-1) == gold
-        logp = torch.log_softmax(logits, -1).gather(-1, gold[:, None])[:, 0]
+        hit, logp = [], []
+        for c in range(0, len(sel), chunk):  # (chunk, vocab) logits at a time: the head's output is the big one
+            logits = head(sel[c : c + chunk]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            hit.append(logits.argmax(-1) == gold[c : c + chunk])
+            logp.append(torch.log_softmax(logits, -1).gather(-1, gold[c : c + chunk, None])[:, 0])
+        hit, logp = torch.cat(hit), torch.cat(logp)
         k = 0
         for j, r in enumerate(batch):
             m = len(rows.ids[r]) - rows.start[r]
