@@ -42,3 +42,13 @@ def test_compare_writes_one_tensorboard_run_per_strategy(tmp_path, text_file):
         assert [s for s, _ in scalars(run)["train/loss"]] == [1, 2, 3]
     compare("tiny-llama", str(text_file), ["adapter:r=2"], tmp_path / "cmp2", cfg, report_to="tensorboard", **kw)
     assert [s for s, _ in scalars(tmp_path / "cmp2" / "tensorboard" / "adapter_r=2")["train/loss"]] == [1, 2, 3]
+
+
+def test_task_accuracy_from_a_toml_config_reaches_tensorboard(cli, tmp_path):
+    """--task given in the run config (a list), scored at each evaluation, logged as task/NAME."""
+    config = tmp_path / "run.toml"
+    config.write_text('model = "tiny-llama"\ndata = "arith:digits=1"\ntask = ["sums=arith:digits=1"]\n'
+                      'steps = 4\nseq-len = 64\neval-every = 2\n')
+    code, _, err = cli("train", "--config", config, "-o", tmp_path / "run", "--report-to", "tensorboard", "--quiet")
+    assert code == 0, err
+    assert [s for s, _ in scalars(tmp_path / "run" / "tensorboard")["task/sums"]] == [0, 2, 4]
