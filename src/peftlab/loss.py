@@ -82,9 +82,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
 
 
-def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+def hidden_states(model, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
     """(B, k+T, d) final hidden states for `input_ids` (B, T), through every hook on `model`
-    (prompt tuning puts k virtual positions in front; k = 0 otherwise)."""
+    (prompt tuning puts k virtual positions in front; k = 0 otherwise). `inputs`: more
+    arguments of the model's forward (an attention mask, a KV cache and use_cache=True)."""
     captured = []
 
     def grab(module, args, output):
@@ -95,7 +96,7 @@ def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     # non-contiguous (B, 1, d) view, which F.linear turns into a bmm over B copies of W.)
     none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     try:
-        model(input_ids=input_ids, logits_to_keep=none, use_cache=False)
+        model(input_ids=input_ids, logits_to_keep=none, **({"use_cache": False} | inputs))
     finally:
         handle.remove()
     return captured[-1]

@@ -20,6 +20,7 @@ import torch
 
 from ..data import IGNORE, render_chat
 from ..errors import UserError
+from ..loss import hidden_states
 from .items import Choice, Generation
 
 
@@ -101,21 +102,10 @@ def _cache_name(model) -> str:
 
 
 def _hidden(model, ids, mask, cache):
-    """(B, T, d) last hidden states of `ids` after the cached prefix, through every hook on the
-    model, with the head run on no position (the scored ones are picked afterwards)."""
-    captured = []
-
-    def grab(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    handle = model.base_model.register_forward_hook(grab)
-    none = torch.zeros(0, dtype=torch.long, device=ids.device)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, logits_to_keep=none,
-              **({_cache_name(model): cache} if cache is not None else {}))
-    finally:
-        handle.remove()
-    return captured[-1][:, -ids.shape[1]:]  # methods that prepend virtual tokens (prompt tuning) add positions
+    """(B, T, d) last hidden states of `ids` after the cached prefix (the head runs on no position)."""
+    extra = {_cache_name(model): cache, "use_cache": True} if cache is not None else {}
+    h = hidden_states(model, ids, attention_mask=mask, **extra)
+    return h[:, -ids.shape[1]:]  # methods that prepend virtual tokens (prompt tuning) add positions
 
 
 @torch.no_grad()
