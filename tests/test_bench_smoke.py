@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from peftlab.bench import CONFIGS, markdown, ours, run_bench
 
 
@@ -18,18 +20,62 @@ def test_bench_smoke(text_file, tmp_path):
     assert row["eager_speed_ratio"] > 0 and 0 < row["peftlab_pct_ceiling"] and row["ceiling_tok_s"] > 0
     assert set(row["settings"]["peftlab"]) == {"eager", "compile", "int8"}
     fastest = max(row["settings"]["peft"].items(), key=lambda kv: kv[1]["tokens_per_s"])[0]
-    assert row["peft_mode"] == fastest  # ranked by its best setting, compiled ones included
+    assert row["peft_any_mode"] == fastest  # the unconstrained ranking: its best setting, compiled ones included
+    assert row["reference_loss"] == row["settings"]["peft"]["fp32"]["eval_loss"]
     losses = [v["eval_loss"] for side in row["settings"].values() for v in side.values()]
     assert all(2 < x < 20 for x in losses) and max(losses) - min(losses) < 0.1  # same start, same steps, near-equal
     same = {(r["config"], r["impl"]): r["trainable"] for r in result["runs"]}
     assert same[("lora-r8-qv", "peftlab")] == same[("lora-r8-qv", "peft")]  # both sides train the same parameters
     text = markdown(result)
     assert "| lora-r8-qv | fp32 | peftlab int8 |" in text and "| lora-r8-qv | fp32 | peft fp32+compile |" in text
-    assert "GFLOP/s" in text and "eager ratio" in text
+    assert "GFLOP/s" in text and "eager ratio" in text and "Ranked at equal quality" in text
     json.dumps(result)
     assert set(CONFIGS) >= {"lora-r8-qv", "lora-r16-all", "dora-r8-qv", "prompt-20", "bitfit-norms", "freeze-attention", "full"}
     assert ours("full") == ["eager", "compile"]  # nothing frozen is a linear layer
     assert ours("full", "bf16") == ["eager", "compile", "compensated"] and "compensated" not in ours("lora-r8-qv", "bf16")
+
+
+def _runs(table):
+    """Bench runs from {(impl, mode): (tok/s, eval loss)} for one config in bf16."""
+    return [{"config": "full", "precision": "bf16", "impl": impl, "mode": mode, "tokens_per_s": tok, "eval_loss": loss,
+             "peak_rss_bytes": 1e9, "flops_per_token": 1e9} for (impl, mode), (tok, loss) in table.items()]
+
+
+def test_ranking_is_by_speed_at_equal_quality():
+    """A setting counts only when its held-out loss is within 0.5% of the reference's fp32-weight
+    setting (bf16: autocast); the fastest at any loss is reported beside it."""
+    from peftlab.bench import summarize
+
+    runs = _runs({("peft", "autocast"): (400, 4.0780), ("peft", "autocast+compile"): (420, 4.0790),
+                  ("peft", "bf16-model+compile"): (560, 4.1833),  # fast because it loses updates: 2.6% worse
+                  ("peftlab", "compile"): (430, 4.0783), ("peftlab", "compensated"): (600, 4.0990),  # 0.51%: out
+                  ("peftlab", "eager"): (300, 4.0600)})  # 0.44% lower: in
+    (row,) = summarize(runs, {"bf16": 1e12})
+    assert row["reference_loss"] == 4.0780
+    assert (row["peftlab_mode"], row["peft_mode"]) == ("compile", "autocast+compile")
+    assert row["speed_ratio"] == pytest.approx(430 / 420)
+    assert (row["peftlab_any_mode"], row["peft_any_mode"]) == ("compensated", "bf16-model+compile")
+    assert row["any_speed_ratio"] == pytest.approx(600 / 560)
+    mine, theirs = row["settings"]["peftlab"], row["settings"]["peft"]
+    assert not mine["compensated"]["eligible"] and mine["eager"]["eligible"] and not theirs["bf16-model+compile"]["eligible"]
+    assert mine["compensated"]["loss_vs_reference"] == pytest.approx(4.0990 / 4.0780 - 1)
+    text = markdown({"setup": {"model": "m", "data": "d", "batch_size": 4, "seq_len": 256, "warmup": 2, "steps": 5},
+                     "machine": {"cpu": "cpu", "cpu_features": "AVX2, AVX-512, AVX-512 BF16"}, "gemm_flops_per_s": {"bf16": 1e12},
+                     "rows": [row]})
+    assert "cpu (AVX2, AVX-512, AVX-512 BF16)" in text
+    assert "| full | bf16 | peftlab compensated | 600 | 1,000 | 4.0990 | +0.51% | **no** |" in text
+    assert "| full | bf16 | 430 (compile) | 420 (autocast+compile) | **1.02×** |" in text
+
+
+def test_no_eligible_setting_is_said_not_hidden():
+    from peftlab.bench import summarize
+
+    runs = _runs({("peft", "autocast"): (400, 4.0), ("peftlab", "compile"): (900, 4.5)})
+    (row,) = summarize(runs, {"bf16": 1e12})
+    assert row["peftlab_mode"] is None and "speed_ratio" not in row and row["any_speed_ratio"] == pytest.approx(900 / 400)
+    text = markdown({"setup": {"model": "m", "data": "d", "batch_size": 4, "seq_len": 256, "warmup": 2, "steps": 5},
+                     "machine": {"cpu": "cpu"}, "gemm_flops_per_s": {"bf16": 1e12}, "rows": [row]})
+    assert "| full | bf16 | no eligible setting | autocast |" in text
 
 
 def test_bench_cli_errors(cli):

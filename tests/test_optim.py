@@ -4,17 +4,81 @@ updates and stochastically rounded bf16 moments, against fp32 master weights."""
 import pytest
 import torch
 
-from peftlab import checkpoint, data, models, optim
+from peftlab import checkpoint, data, kernels, models, optim
 from peftlab.errors import UserError
 from peftlab.methods import prepare, trainable_parameters
 from peftlab.train import TrainConfig, train
 
 
 def test_stochastic_rounding_is_unbiased():
-    torch.manual_seed(0)
     x = torch.full((200_000,), 1.0 + 2 ** -10)  # a quarter of the way between two bf16 neighbours
     assert x.to(torch.bfloat16).float().mean() == 1.0  # round to nearest loses it
-    assert float(optim.round_stochastic(x).float().mean()) == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+    for bits in (optim.random_bits(len(x), optim.stream_key(7, 1)) & 0xFFFF, optim.random_bits(len(x), 12345) >> 16):
+        assert float(optim.round_stochastic(x, bits).float().mean()) == pytest.approx(1.0 + 2 ** -10, abs=2e-5)
+        assert float(optim.round_stochastic(-x, bits).float().mean()) == pytest.approx(-1.0 - 2 ** -10, abs=2e-5)
+
+
+def test_counter_based_bits_are_uniform_and_independent_of_the_split():
+    n = 1 << 18
+    bits = optim.random_bits(n, optim.stream_key(3, 5))
+    assert int(bits.min()) >= 0 and int(bits.max()) < 1 << 32
+    for part in (bits & 0xFFFF, bits >> 16):  # each 16-bit half: uniform over its 16 bins of 4,096
+        counts = torch.bincount((part >> 12).long(), minlength=16).float()
+        assert float(((counts - n / 16) ** 2 / (n / 16)).sum()) < 50  # chi-square, 15 degrees of freedom (p ≈ 1e-5)
+    # the bits of element i depend on (seed, step, i) only: a slice of the stream is the stream's slice
+    assert torch.equal(optim.random_bits(1000, optim.stream_key(3, 5) + 500), bits[500:1500])
+    other = [optim.random_bits(n, optim.stream_key(s, t)) for s, t in ((3, 6), (4, 5))]
+    assert all(float((o == bits).float().mean()) < 1e-3 for o in other)  # another step or seed: other bits
+    low = (bits & 0xFFFF).double()  # neighbours uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([low[:-1], low[1:]]))[0, 1])) < 0.01
+
+
+def _state(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, grad, m, v, c = (torch.randn(n, generator=g) * s for s in (0.05, 0.01, 1e-3, 1e-3, 1e-5))
+    return [x.to(torch.bfloat16) for x in (w, grad, m, v.square(), c)]
+
+
+SCALARS = [1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** -0.5, 1e-3 * 0.01, 0.9, 0.999, 1e-8]  # lr 1e-3, wd 0.01, step 3
+
+
+def _torch_ops(w, g, m, v, c, key, scalars):
+    optim._update(w, g, m, v, c, torch.tensor(key), *(torch.tensor(x, dtype=torch.float32) for x in scalars))
+
+
+def test_kernel_is_the_torch_step_bit_for_bit():
+    """The built single-pass kernel computes exactly what the torch expression of the step does,
+    split across threads or not."""
+    assert kernels.load() is not None, "the C++ kernel did not build (is g++ installed?)"
+    for n in (1, 17, 4099, 3 * kernels.CHUNK + 5):
+        ops, kernel = _state(n), _state(n)
+        key = optim.stream_key(11, 3)
+        _torch_ops(*ops, key, SCALARS)
+        assert kernels.compensated_adamw(*kernel, key, *SCALARS)
+        for name, a, b in zip("wgmvc", ops, kernel):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), (n, name)
+    assert not torch.equal(ops[0], _state(n)[0])  # the step moved the weights
+
+
+def test_kernel_allocates_no_tensor_sized_temporaries():
+    from peftlab import runtime
+
+    n = 1 << 24  # 16M weights: one fp32 temporary would be 64 MB
+    state = _state(n)
+    kernels.compensated_adamw(*_state(8), 1, *SCALARS)  # built and loaded
+    runtime.reset_peak_memory(torch.device("cpu"))
+    before = runtime.peak_memory(torch.device("cpu"))
+    assert kernels.compensated_adamw(*state, optim.stream_key(1, 1), *SCALARS)
+    grew = runtime.peak_memory(torch.device("cpu")) - before
+    assert grew < 16e6, f"the update grew the process by {grew / 1e6:.0f} MB"
+
+
+def test_without_a_compiler_the_torch_step_runs(monkeypatch):
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    state, want = _state(100), _state(100)
+    optim.update(*state, 5, SCALARS)
+    _torch_ops(*want, 5, SCALARS)
+    assert all(torch.equal(a, b) for a, b in zip(state, want))
 
 
 def _updates(kind, steps=300, lr=1e-4):

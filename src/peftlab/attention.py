@@ -61,7 +61,7 @@ def covers(module, query, key, attention_mask, dropout, kwargs) -> bool:
     """True for the plain causal training call this function handles; anything else goes to sdpa."""
     T = query.shape[2]
     return (
-        query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled()
+        query.device.type == "cpu" and _bf16(query) and torch.is_grad_enabled()
         and attention_mask is None and 1 < T <= MAX_LEN and key.shape[2] == T
         and query.shape[1] % key.shape[1] == 0 and (dropout == 0.0 or not module.training)
         and getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False
@@ -69,12 +69,20 @@ def covers(module, query, key, attention_mask, dropout, kwargs) -> bool:
     )
 
 
+def _bf16(query) -> bool:
+    """bf16 queries, or fp32 ones under bf16 autocast (a trained fp32 embedding keeps the residual
+    stream, and so rotary's output, in fp32; autocast would run sdpa in bf16 all the same)."""
+    return query.dtype == torch.bfloat16 or (
+        query.dtype == torch.float32 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention signature; returns ((B, T, H, D) output, None) like sdpa."""
     if not covers(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = CausalAttention.apply(query, key, value, scale)
+    bf16 = torch.bfloat16
+    out = CausalAttention.apply(query.to(bf16), key.to(bf16), value.to(bf16), scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -137,8 +137,8 @@ def restore(state: dict, tensors: dict, model, opt) -> None:
                     raise UserError(f"{where}: no tensor for parameter {n}; was it written by another strategy?")
                 p = params[n]
                 _copy_into(p, distributed.like(tensors[f"param.{n}"].to(p.dtype), p))
-                if n in moments:  # the step count stays a plain tensor, the moments take p's layout
-                    opt.state[p] = {k: t.to(p.device) if k == "step" else distributed.like(t, p) for k, t in moments[n].items()}
+                if n in moments:  # counters and seeds stay plain tensors, the moments take p's layout
+                    opt.state[p] = {k: t.to(p.device) if t.dim() == 0 else distributed.like(t, p) for k, t in moments[n].items()}
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():

@@ -133,7 +133,8 @@ def causal_lm_loss_sum(model, input_ids, labels, chunk: int = 256, fused: bool =
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, targets, reduction="sum"), keep.sum()
-    with torch.autocast(device, enabled=False):  # dtypes are chosen explicitly here
+    # (the named range lets bench/profile.py tell the output layer's time from the blocks')
+    with torch.autocast(device, enabled=False), torch.profiler.record_function("peftlab.loss"):  # dtypes chosen here
         total = LinearCrossEntropy.apply(h, weight, targets, softcap, chunk, fused, torch.is_grad_enabled())
     return total, keep.sum()
 

@@ -1,48 +1,125 @@
 """The optimizer: AdamW over the trainable parameters, with their master copies in fp32
 (default) or kept in bf16 with compensated updates (`--master-weights bf16-compensated`).
 
-fp32 masters: 4 bytes per trained weight, 8 for the two moments; bf16 compute casts them.
-bf16-compensated: the trained weight itself is bf16 (2 bytes, no casts), the moments are bf16
-(2 + 2) and a bf16 compensation buffer (2) holds what rounding the weight to bf16 dropped —
-10 bytes instead of 12 (+2 for the bf16 copy autocast makes), and close to fp32 masters in
-what it learns, unlike plain bf16 weights (8 bytes), where an update smaller than half a bf16
-step (lr · ~1 against |w| · 2⁻⁹) is rounded away and lost:
+fp32 masters: 4 bytes per trained weight, 4 for its gradient, 8 for the two moments, and the
+bf16 copy autocast makes for every product (2). bf16-compensated: the trained weight itself
+is bf16 (2, no casts), its gradient bf16 (2), the moments bf16 (2 + 2) and a bf16 compensation
+buffer (2) holds what rounding the weight to bf16 dropped — 10 bytes instead of 18, and close
+to fp32 masters in what it learns, unlike plain bf16 weights (8 bytes), where an update smaller
+than half a bf16 step (lr · ~1 against |w| · 2⁻⁹) is rounded away and lost:
 
-    y = Δ + c;   w' = bf16(w + y);   c' = y − (w' − w)          Kahan summation, fp32 temporaries
-    m, v        = bf16_stochastic(β m + (1−β) g)                 unbiased: E[round(x)] = x
+    y = Δ + c;   w' = bf16(w + y);   c' = bf16(y − (w' − w))      Kahan summation
+    m, v        = bf16_stochastic(β m + (1−β) g)                  unbiased: E[round(x)] = x
 
 The moments are rounded stochastically: v's per-step change ((1−β₂) v ≈ 10⁻³ v) is below
 bf16's resolution, so round-to-nearest would freeze it; random rounding keeps it right on
-average. The random bits come from torch's generator, which a checkpoint saves, so a resumed
-run is still bit-identical.
+average.
+
+The whole update of one tensor is one pass (kernels.py: a loop built with the system's C++
+compiler; `_update` below is the same step in torch ops, bit-identical, used where there is no
+compiler): it reads g, w, m, v, c (bf16) and writes w, m, v, c, with every fp32 value in
+registers — no tensor-sized temporaries. Its random bits come from a counter-based generator:
+a hash of (seed, step, element index), where each tensor's seed is drawn once from torch's
+generator. Nothing is drawn per step, the bits do not depend on how the pass is split across
+threads, and a checkpoint (which saves the seed and step with the moments) resumes
+bit-identically.
+
+The compensation starts as what rounding the fp32 weights to bf16 dropped (`rounding_residual`),
+so a run starts from exactly the weights an fp32-master run starts from.
 """
 
 import torch
 
-def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32") -> torch.optim.Optimizer:
+MASK32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B  # a 32-bit mixing constant (odd, < 2³¹ so products of 32-bit values fit in int64)
+
+
+def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", residuals=None) -> torch.optim.Optimizer:
     """AdamW for `groups` (tensors or param-group dicts).
 
     fp32: torch's fused kernel, one pass over each tensor instead of a dozen foreach passes,
-    ~4.5× faster on the CPU for a full fine-tune of SmolLM2 and no model-sized temporaries."""
+    ~4.5× faster on the CPU for a full fine-tune of SmolLM2 and no model-sized temporaries.
+    bf16-compensated: `residuals` {parameter: bf16 tensor} start the compensation buffers
+    (`rounding_residual`), so the run starts from the exact fp32 weights."""
     if master_weights == "bf16-compensated":
-        return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay)
+        return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay, residuals=residuals)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def round_stochastic(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, rounding up with probability equal to the dropped fraction: add 16 random
-    low bits to the fp32 pattern, then cut them (bf16 is fp32's upper half)."""
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+def rounding_residual(p: torch.Tensor) -> torch.Tensor:
+    """What storing fp32 `p` in bf16 drops, as bf16: p − bf16(p) (exact in fp32; its bf16 copy
+    keeps 8 of the 16 dropped bits, a relative error of 2⁻¹⁷ in p)."""
+    return (p.detach().float() - p.detach().to(torch.bfloat16).float()).to(torch.bfloat16)
+
+
+def mix32(x):
+    """A 32-bit integer hash (two multiply-xorshift rounds) of x in [0, 2³²): int64 tensors or ints."""
+    x = (((x >> 16) ^ x) * _MUL) & MASK32
+    x = (((x >> 16) ^ x) * _MUL) & MASK32
+    return (x >> 16) ^ x
+
+
+def stream_key(seed: int, step: int) -> int:
+    """The counter offset of one tensor's random bits at one step (both ints)."""
+    return mix32((mix32(seed & MASK32) + (step & MASK32)) & MASK32)
+
+
+def random_bits(n: int, key, device=None) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2³²)) for elements 0..n-1 of the stream `key`."""
+    return mix32((torch.arange(n, dtype=torch.int64, device=device) + key) & MASK32)
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounding away from zero with probability equal to the dropped fraction: add
+    16 random low bits (`bits`, int in [0, 2¹⁶)) to the fp32 pattern, then cut them (bf16 is
+    fp32's upper half)."""
+    pattern = x.contiguous().view(torch.int32)
+    return ((pattern + bits.to(torch.int32)) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _update(w, g, m, v, c, key, step_size, inv_sqrt_bc2, decay, b1, b2, eps):
+    """One compensated AdamW step of one flattened bf16 tensor, in place.
+
+    w, g, m, v, c: (n,) bf16 — weight, gradient, moments, compensation. key: int64 0-d (the
+    tensor's stream this step); the other scalars are fp32 0-d tensors, so a new learning rate
+    does not recompile: step_size = lr / (1 − β₁ᵗ), inv_sqrt_bc2 = 1 / √(1 − β₂ᵗ), decay = lr · wd."""
+    g32, w32 = g.float(), w.float()
+    m32 = m.float() * b1 + g32 * (1 - b1)
+    v32 = v.float() * b2 + g32 * g32 * (1 - b2)
+    y = c.float() - decay * w32 - step_size * m32 / (v32.sqrt() * inv_sqrt_bc2 + eps)
+    new = (w32 + y).to(torch.bfloat16)
+    bits = random_bits(w.shape[0], key, w.device)
+    m.copy_(round_stochastic(m32, bits & 0xFFFF))
+    v.copy_(round_stochastic(v32, bits >> 16))
+    c.copy_((y - (new.float() - w32)).to(torch.bfloat16))
+    w.copy_(new)
+
+
+def update(w, g, m, v, c, key: int, scalars: list) -> None:
+    """One tensor's step: the built kernel (kernels.py), or `_update` in torch ops where it is
+    not available (no C++ compiler: same numbers, with fp32 temporaries)."""
+    from . import kernels
+
+    if not kernels.compensated_adamw(w, g, m, v, c, key, *scalars):
+        _update(w, g, m, v, c, torch.tensor(key, dtype=torch.int64), *(torch.tensor(x, dtype=torch.float32) for x in scalars))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP-sharded tensor (the update is elementwise), else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class CompensatedAdamW(torch.optim.Optimizer):
     """AdamW on bf16 parameters: Kahan-compensated weights, stochastically rounded moments.
-    State per parameter: step (fp32 scalar), exp_avg, exp_avg_sq, compensation (bf16)."""
+    State per parameter: step (fp32 0-d), seed (int64 0-d), exp_avg, exp_avg_sq, compensation
+    (bf16, the parameter's shape)."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, residuals=None, kernel=update):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.kernel = kernel  # update(w, g, m, v, c, key, scalars) for one flattened tensor
+        # {parameter: bf16 rounding residual}: each becomes its parameter's compensation at its
+        # first step (parameters a schedule unfreezes later add theirs here)
+        self.residuals = dict(residuals or {})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -51,28 +128,20 @@ class CompensatedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.dtype != torch.bfloat16 or p.grad.dtype != torch.bfloat16:
+                    raise TypeError(f"compensated AdamW trains bf16 weights with bf16 gradients, got {p.dtype} / {p.grad.dtype}")
                 state = self.state[p]
+                residual = self.residuals.pop(p, None)  # (a resumed run's state already holds its compensation)
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    for key in ("exp_avg", "exp_avg_sq", "compensation"):
-                        state[key] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["seed"] = torch.randint(0, 1 << 62, (), dtype=torch.int64)  # from torch's generator, once
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        state[name] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                    state["compensation"] = residual if residual is not None else torch.zeros_like(state["exp_avg"])
                 state["step"] += 1
-                t = float(state["step"])
-                g = p.grad.float()
-                m = state["exp_avg"].float().mul_(b1).add_(g, alpha=1 - b1)
-                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["exp_avg"].copy_(round_stochastic(m))
-                state["exp_avg_sq"].copy_(round_stochastic(v))
-                w = p.float()
-                # the AdamW step Δ (fp32), plus what earlier roundings of w dropped
-                step_size = group["lr"] / (1 - b1 ** t)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                y = m.div_(denom).mul_(-step_size)
-                if group["weight_decay"]:
-                    y.add_(w, alpha=-group["lr"] * group["weight_decay"])
-                y.add_(state["compensation"].float())
-                new = (w + y).to(p.dtype)
-                state["compensation"].copy_(y.sub_(new.float().sub_(w)))
-                p.copy_(new)
+                t = int(state["step"])
+                scalars = [group["lr"] / (1 - b1 ** t), (1 - b2 ** t) ** -0.5, group["lr"] * group["weight_decay"], b1, b2,
+                           group["eps"]]
+                flat = [_local(x).view(-1) for x in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])]
+                self.kernel(*flat, stream_key(int(state["seed"]), t), scalars)
         return None
-

@@ -148,6 +148,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         note = int8.int8_note(device)
         if note and show and distributed.is_main():
             print(note, file=sys.stderr, flush=True)
+    residuals = _residuals(model, cfg)
     runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
     if cfg.grad_checkpoint:
         runtime.enable_checkpointing(model)
@@ -162,7 +163,10 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
 
     runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
     params = list(trainable_parameters(model).values())
-    opt = adamw(parameter_groups(model, params), cfg) if params else None
+    named = trainable_parameters(model)  # after wrapping: a sharded run's parameters are new objects
+    residuals = {named[n]: distributed.like(r, named[n]) for n, r in residuals.items() if n in named}
+    opt = adamw(parameter_groups(model, params), cfg, residuals) if params else None
+    del residuals
     if state:
         for at in sorted(prepared.unfreeze_at):
             if at < state["step"]:
@@ -228,7 +232,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                         loss_sum += float(loss.detach())
                     loss.backward()
                 trainable = [p for g in opt.param_groups for p in g["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+                with torch.profiler.record_function("peftlab.clip"):  # a named range for bench/profile.py
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
                 norm = float(norm.full_tensor() if distributed.is_sharded(norm) else norm)
                 # One collective: the global loss, and whether any process was asked to stop.
                 loss_sum, stop = distributed.all_sum([loss_sum, float(signals.signum or 0)], device)
@@ -301,13 +306,24 @@ def _signal_of(total: float) -> int:
     return int(signal.SIGTERM) if total >= signal.SIGTERM else int(signal.SIGINT)
 
 
-def adamw(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights)
+def adamw(params, cfg: TrainConfig, residuals=None) -> torch.optim.Optimizer:
+    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, residuals)
+
+
+def _residuals(model, cfg: TrainConfig, names=None) -> dict:
+    """Compensated bf16 masters: what rounding each fp32 trained weight to bf16 drops, by name
+    (taken before the weights are stored in bf16), so compensation starts the run exact."""
+    if cfg.master_weights != "bf16-compensated":
+        return {}
+    params = dict(model.named_parameters()) if names is not None else trainable_parameters(model)
+    return {n: optim.rounding_residual(params[n]) for n in (names if names is not None else params)
+            if params[n].dtype == torch.float32}
 
 
 def _unfreeze(model, names, opt, cfg):
     """Make scheduled parameters trainable (fp32 master copies) and give them to the optimizer."""
     params = dict(model.named_parameters())
+    residuals = {params[n]: r for n, r in _residuals(model, cfg, names).items()}
     new = []
     for n in names:
         p = params[n]
@@ -315,7 +331,9 @@ def _unfreeze(model, names, opt, cfg):
         p.requires_grad_(True)
         new.append(p)
     if opt is None:
-        return adamw(new, cfg)
+        return adamw(new, cfg, residuals)
+    if residuals:
+        opt.residuals.update(residuals)
     opt.add_param_group({"params": new, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     return opt
 

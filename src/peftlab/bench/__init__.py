@@ -1,11 +1,14 @@
 """`peftlab bench`: peftlab against HF peft + transformers, same model, batches and config.
 
 Each (configuration, implementation, setting) runs in its own process, alternating peftlab
-and the reference over `repeats` rounds. Each side is ranked by its fastest setting: the
-reference may pick fp32, bf16 autocast or a bf16 model, each also under `torch.compile`;
-peftlab may pick eager, compiled, or compiled over an int8 frozen base. The table shows
-medians, ratios peftlab / peft (best vs best, and eager vs eager), each figure's share of the
-machine's measured ceiling, and the held-out loss each setting reached after the same steps.
+and the reference over `repeats` rounds. The reference may pick fp32, bf16 autocast or a bf16
+model, each also under `torch.compile`; peftlab may pick eager, compiled, compiled over an int8
+frozen base, or compiled with compensated bf16 master weights. Settings are ranked at equal
+quality: only those whose held-out loss after the same steps is within 0.5% of the reference's
+full-precision setting count, so a setting that is fast because it drops updates does not win.
+The table shows medians, ratios peftlab / peft (best eligible vs best eligible, best at any
+loss, and eager vs eager), each figure's share of the machine's measured ceiling, and every
+setting's held-out loss.
 """
 
 import json
@@ -82,11 +85,35 @@ def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None
 def machine() -> dict:
     from ..runtime import hardware, versions
 
-    return hardware(torch.device("cpu")) | versions() | {"system": platform.system()}
+    return hardware(torch.device("cpu")) | versions() | {"system": platform.system(), "cpu_features": cpu_features()}
+
+
+def cpu_features() -> str:
+    """The instruction sets that decide what bf16 and int8 cost here (AVX2 only: both emulated)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return ""
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "avx512_vnni": "AVX-512 VNNI",
+             "amx_bf16": "AMX"}
+    return ", ".join(v for k, v in names.items() if k in flags)
+
+
+REFERENCE = {"fp32": "fp32", "bf16": "autocast"}  # per precision: the reference's setting that loses no update
+TOLERANCE = 0.005  # a setting is eligible when its held-out loss is within 0.5% of the reference setting's
+
+
+def eligible(loss: float, reference: float) -> bool:
+    """Equal quality: within TOLERANCE of the full-precision reference (either way: a setting that
+    lands far lower is computing something else, not being more careful)."""
+    return abs(loss - reference) <= TOLERANCE * reference
 
 
 def summarize(runs: list, ceil: dict) -> list[dict]:
-    """Medians over rounds; for each side, its fastest setting per precision (and its fastest eager one)."""
+    """Medians over rounds; per precision, each side's fastest eligible setting (its held-out loss
+    within TOLERANCE of the reference's fp32-weight setting), its fastest setting whatever the
+    loss, and its fastest eager one."""
     groups = {}
     for r in runs:
         groups.setdefault((r["config"], r["precision"], r["impl"], r["mode"]), []).append(r)
@@ -101,64 +128,96 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
             mine, theirs = settings("peftlab"), settings("peft")
             if not mine or not theirs:
                 continue
-            fastest = lambda table: max(table, key=lambda m: table[m]["tokens_per_s"])  # noqa: E731
-            our_mode, best_mode = fastest(mine), fastest(theirs)
-            our_eager = fastest({m: v for m, v in mine.items() if eager(m)})
-            their_eager = fastest({m: v for m, v in theirs.items() if eager(m)})
-            ours_, best = mine[our_mode], theirs[best_mode]
-            limit = ceil[precision] / ours_["flops_per_token"]
-            rows.append({
-                "config": name, "precision": precision, "peftlab_mode": our_mode, "peft_mode": best_mode,
-                "settings": {"peftlab": mine, "peft": theirs},
-                "peftlab_tok_s": ours_["tokens_per_s"], "peft_tok_s": best["tokens_per_s"],
-                "speed_ratio": ours_["tokens_per_s"] / best["tokens_per_s"],
-                "eager_speed_ratio": mine[our_eager]["tokens_per_s"] / theirs[their_eager]["tokens_per_s"],
-                "peftlab_peak_mb": ours_["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
-                "memory_ratio": ours_["peak_rss_bytes"] / best["peak_rss_bytes"],
-                "peftlab_eval_loss": ours_["eval_loss"], "peft_eval_loss": best["eval_loss"],
-                "ceiling_tok_s": limit, "peftlab_pct_ceiling": 100 * ours_["tokens_per_s"] / limit,
-                "peft_pct_ceiling": 100 * best["tokens_per_s"] / limit,
-            })
+            ref = theirs.get(REFERENCE[precision], min(theirs.values(), key=lambda v: v["eval_loss"]))["eval_loss"]
+            for table in (mine, theirs):
+                for v in table.values():
+                    v["eligible"] = eligible(v["eval_loss"], ref)
+                    v["loss_vs_reference"] = v["eval_loss"] / ref - 1
+
+            def fastest(table, keep=lambda mode, v: True):
+                found = {m: v for m, v in table.items() if keep(m, v)}
+                return max(found, key=lambda m: found[m]["tokens_per_s"]) if found else None
+
+            ok = lambda m, v: v["eligible"]  # noqa: E731
+            our_mode, best_mode = fastest(mine, ok), fastest(theirs, ok)
+            our_any, best_any = fastest(mine), fastest(theirs)
+            our_eager, their_eager = fastest(mine, lambda m, v: eager(m)), fastest(theirs, lambda m, v: eager(m))
+            row = {"config": name, "precision": precision, "reference_loss": ref, "settings": {"peftlab": mine, "peft": theirs},
+                   "peftlab_mode": our_mode, "peft_mode": best_mode, "peftlab_any_mode": our_any, "peft_any_mode": best_any,
+                   "any_speed_ratio": mine[our_any]["tokens_per_s"] / theirs[best_any]["tokens_per_s"],
+                   "eager_speed_ratio": mine[our_eager]["tokens_per_s"] / theirs[their_eager]["tokens_per_s"]
+                   if our_eager and their_eager else None}
+            if our_mode and best_mode:
+                ours_, best = mine[our_mode], theirs[best_mode]
+                limit = ceil[precision] / ours_["flops_per_token"]
+                row |= {
+                    "peftlab_tok_s": ours_["tokens_per_s"], "peft_tok_s": best["tokens_per_s"],
+                    "speed_ratio": ours_["tokens_per_s"] / best["tokens_per_s"],
+                    "peftlab_peak_mb": ours_["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
+                    "memory_ratio": ours_["peak_rss_bytes"] / best["peak_rss_bytes"],
+                    "peftlab_eval_loss": ours_["eval_loss"], "peft_eval_loss": best["eval_loss"],
+                    "ceiling_tok_s": limit, "peftlab_pct_ceiling": 100 * ours_["tokens_per_s"] / limit,
+                    "peft_pct_ceiling": 100 * best["tokens_per_s"] / limit,
+                }
+            rows.append(row)
     return rows
 
 
 def markdown(result: dict) -> str:
     s, m, c = result["setup"], result["machine"], result["gemm_flops_per_s"]
+    features = m.get("cpu_features")
     lines = [
         "# Benchmark: peftlab vs HF peft + transformers", "",
         f"Model `{s['model']}`, data `{s['data']}`, batch {s['batch_size']} × seq {s['seq_len']}, "
         f"{s['warmup']} warm-up + {s['steps']} timed steps, medians over alternating rounds; each run in its own process.",
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, transformers {m.get('transformers')}, "
-        f"peft {m.get('peft')}. Measured GEMM ceiling on the model's shapes: "
-        + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in c.items()) + ".", "",
-        "Each side at its fastest setting (peft may compile; peftlab's int8 setting multiplies the frozen base in int8, its "
-        "compensated one keeps trained weights in bf16 with Kahan-compensated updates). "
-        "Ratios are peftlab / peft; *eager ratio*: both sides uncompiled, each at its fastest such setting.", "",
-        "| config | precision | peftlab tok/s (its best setting) | peft tok/s (its best setting) | speed ratio | eager ratio "
-        "| peftlab peak MB | peft peak MB | memory ratio | held-out loss peftlab / peft | peftlab % ceiling | peft % ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Machine: {m.get('cpu')}" + (f" ({features})" if features else "") + f", {m.get('cores')} cores, "
+        f"torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}. "
+        "Measured GEMM ceiling on the model's shapes: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in c.items()) + ".", "",
+        f"**Ranked at equal quality**: a setting is eligible when its held-out loss after the same {s['warmup'] + s['steps']} "
+        f"steps is within {100 * TOLERANCE:g}% of the reference's full-precision setting (peft "
+        + " / ".join(f"`{v}` for {k}" for k, v in REFERENCE.items()) + ", fp32 weights: no update lost); "
+        "each side is shown at its fastest eligible setting. *Fastest at any loss* ranks every setting, eligible or not; "
+        "*eager ratio*: both sides uncompiled. Ratios are peftlab / peft.", "",
+        "| config | precision | peftlab tok/s (setting) | peft tok/s (setting) | speed ratio | peftlab peak MB | peft peak MB "
+        "| memory ratio | held-out loss peftlab / peft / reference | peftlab % ceiling | peft % ceiling "
+        "| fastest at any loss: peftlab / peft (ratio) | eager ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        mine, theirs = r["settings"]["peftlab"], r["settings"]["peft"]
+        anyway = (f"{mine[r['peftlab_any_mode']]['tokens_per_s']:,.0f} ({r['peftlab_any_mode']}) / "
+                  f"{theirs[r['peft_any_mode']]['tokens_per_s']:,.0f} ({r['peft_any_mode']}) ({r['any_speed_ratio']:.2f}×)")
+        if "speed_ratio" not in r:
+            lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_mode'] or 'no eligible setting'} | "
+                         f"{r['peft_mode'] or 'no eligible setting'} | – | – | – | – | – | – | – | {anyway} | "
+                         f"{_ratio(r['eager_speed_ratio'])} |")
+            continue
         lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_tok_s']:,.0f} ({r['peftlab_mode']}) | "
-                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×** | {r['eager_speed_ratio']:.2f}× | "
+                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×** | "
                      f"{r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | **{r['memory_ratio']:.2f}×** | "
-                     f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} | {r['peftlab_pct_ceiling']:.0f}% | "
-                     f"{r['peft_pct_ceiling']:.0f}% |")
+                     f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} / {r['reference_loss']:.4f} | "
+                     f"{r['peftlab_pct_ceiling']:.0f}% | {r['peft_pct_ceiling']:.0f}% | {anyway} | {_ratio(r['eager_speed_ratio'])} |")
     lines += ["", "Every setting (peftlab: eager, `--compile`, `--compile --base-precision int8`, `--compile --master-weights "
-              "bf16-compensated`; peft: fp32, bf16 autocast "
-              "over an fp32 model, or the model loaded in bf16, each also under `torch.compile`):", "",
-              "| config | precision | setting | tok/s | peak MB | held-out loss |", "|---|---|---|---|---|---|"]
+              "bf16-compensated`; peft: fp32, bf16 autocast over an fp32 model, or the model loaded in bf16, each also "
+              "under `torch.compile`), fastest first:", "",
+              "| config | precision | setting | tok/s | peak MB | held-out loss | vs reference | eligible |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        for side in ("peftlab", "peft"):
-            for mode, v in r["settings"][side].items():
-                lines.append(f"| {r['config']} | {r['precision']} | {side} {mode} | {v['tokens_per_s']:,.0f} | "
-                             f"{v['peak_rss_bytes'] / 1e6:,.0f} | {v['eval_loss']:.4f} |")
+        every = [(side, mode, v) for side in ("peftlab", "peft") for mode, v in r["settings"][side].items()]
+        for side, mode, v in sorted(every, key=lambda x: -x[2]["tokens_per_s"]):
+            lines.append(f"| {r['config']} | {r['precision']} | {side} {mode} | {v['tokens_per_s']:,.0f} | "
+                         f"{v['peak_rss_bytes'] / 1e6:,.0f} | {v['eval_loss']:.4f} | {100 * v['loss_vs_reference']:+.2f}% | "
+                         f"{'yes' if v['eligible'] else '**no**'} |")
     if result.get("inference"):
         i = result["inference"]
         lines += ["", f"Inference (one forward of 1 × {s['seq_len']}, {i['precision']}): base {i['base_ms']:.1f} ms, "
                   f"unmerged LoRA {i['unmerged_ms']:.1f} ms (**{i['unmerged_ms'] / i['base_ms']:.2f}×**), "
                   f"merged {i['merged_ms']:.1f} ms (**{i['merged_ms'] / i['base_ms']:.2f}×**)."]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}×"
 
 
 def write_results(result: dict, path: Path) -> None:
