@@ -39,7 +39,8 @@ def _state(n, seed=0):
     return [x.to(torch.bfloat16) for x in (w, grad, m, v.square(), c)]
 
 
-SCALARS = [1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** -0.5, 1e-3 * 0.01, 0.9, 0.999, 1e-8]  # lr 1e-3, wd 0.01, step 3
+SCALARS = [1e-3 / (1 - 0.9 ** 3), (1 - 0.999 ** 3) ** -0.5, 1e-3 * 0.01, 0.9, 0.999, 1e-8, 0.37]  # lr 1e-3, wd 0.01,
+# step 3, gradients clipped by a factor 0.37
 
 
 def _torch_ops(w, g, m, v, c, key, scalars):
@@ -151,3 +152,24 @@ def test_master_weights_errors(cli, text_file, tmp_path):
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, device="cpu", dtype="fp32", master_weights="bf16-compensated")
     with pytest.raises(UserError, match="needs --dtype bf16"):
         train(loaded.model, data.load_blocks(loaded, str(text_file), 32), prepare(loaded.model, "full"), cfg, show=False)
+
+
+def test_compensation_starts_from_the_exact_fp32_weights(text_file):
+    """The fp32 weights rounded to bf16 plus the initial compensation are the fp32 weights (to
+    the 8 bits the bf16 residual keeps), so a compensated run starts where an fp32-master run does."""
+    p32 = torch.randn(10_000) * 0.05
+    stored, residual = p32.to(torch.bfloat16), optim.rounding_residual(p32)
+    assert (stored.float() + residual.float() - p32).abs().max() <= p32.abs().max() * 2 ** -16
+    assert (stored.float() - p32).abs().max() > 1e-5  # bf16 alone drops that much
+
+    loaded = models.load("tiny-llama", seed=0)
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    blocks = data.load_blocks(loaded, str(text_file), 32)
+    seen = {}
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, lr=1e-30, warmup=0, eval_every=-1, device="cpu", dtype="bf16",
+                      master_weights="bf16-compensated")
+    train(loaded.model, blocks, prepare(loaded.model, "full"), cfg, show=False,
+          on_step=lambda step, record, opt: seen.update(opt=opt))
+    for name, p in trainable_parameters(loaded.model).items():
+        whole = p.detach().float() + seen["opt"].state[p]["compensation"].float()
+        assert (whole - start[name]).abs().max() <= start[name].abs().max() * 2 ** -15, name

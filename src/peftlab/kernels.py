@@ -46,10 +46,10 @@ static inline uint32_t mix32(uint32_t x) {
 
 extern "C" void compensated_adamw(uint16_t* w, const uint16_t* g, uint16_t* m, uint16_t* v, uint16_t* c,
                                   int64_t start, int64_t stop, uint32_t key, float step_size, float inv_sqrt_bc2,
-                                  float decay, float b1, float b2, float eps) {
+                                  float decay, float b1, float b2, float eps, float gscale) {
     const float one_b1 = 1.0f - b1, one_b2 = 1.0f - b2;
     for (int64_t i = start; i < stop; i++) {
-        float g32 = from_bf16(g[i]), w32 = from_bf16(w[i]);
+        float g32 = from_bf16(g[i]) * gscale, w32 = from_bf16(w[i]);
         float m32 = from_bf16(m[i]) * b1 + g32 * one_b1;
         float v32 = from_bf16(v[i]) * b2 + g32 * g32 * one_b2;
         float y = from_bf16(c[i]) - decay * w32 - step_size * m32 / (sqrtf(v32) * inv_sqrt_bc2 + eps);
@@ -121,7 +121,7 @@ def _build():
     lib = ctypes.CDLL(str(target))
     f = lib.compensated_adamw
     f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 6
+    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 7
     return lib
 
 
@@ -129,7 +129,7 @@ _pool: dict = {}
 CHUNK = 1 << 16  # below this many weights one thread does it all
 
 
-def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b1, b2, eps) -> bool:
+def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale=1.0) -> bool:
     """Run the step on flat contiguous bf16 CPU tensors in place; False where the kernel is
     not available (no compiler) or the tensors do not qualify (the caller uses torch ops)."""
     tensors = (w, g, m, v, c)
@@ -139,7 +139,7 @@ def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b
     if lib is None:
         return False
     n, ptrs = w.numel(), [t.data_ptr() for t in tensors]
-    args = (ctypes.c_uint32(key), *(ctypes.c_float(float(x)) for x in (step_size, inv_sqrt_bc2, decay, b1, b2, eps)))
+    args = (ctypes.c_uint32(key), *(ctypes.c_float(float(x)) for x in (step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale)))
     threads = max(1, min(torch.get_num_threads(), n // CHUNK))
     if threads == 1:
         lib.compensated_adamw(*ptrs, 0, n, *args)

@@ -28,6 +28,8 @@ The compensation starts as what rounding the fp32 weights to bf16 dropped (`roun
 so a run starts from exactly the weights an fp32-master run starts from.
 """
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -44,6 +46,20 @@ def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", 
     if master_weights == "bf16-compensated":
         return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay, residuals=residuals)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def clip_gradients(opt: torch.optim.Optimizer, params: list, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' total norm to `max_norm` (as torch's clip_grad_norm_); returns the norm
+    before clipping. The compensated optimizer takes the factor into its own pass over each
+    gradient, which saves a read and a write of every bf16 gradient (and its rounding)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(opt, CompensatedAdamW):
+        whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
+        opt.grad_scale = float(torch.clamp(max_norm / (whole + 1e-6), max=1.0)) if math.isfinite(max_norm) else 1.0
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def rounding_residual(p: torch.Tensor) -> torch.Tensor:
@@ -77,13 +93,13 @@ def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return ((pattern + bits.to(torch.int32)) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _update(w, g, m, v, c, key, step_size, inv_sqrt_bc2, decay, b1, b2, eps):
+def _update(w, g, m, v, c, key, step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale):
     """One compensated AdamW step of one flattened bf16 tensor, in place.
 
     w, g, m, v, c: (n,) bf16 — weight, gradient, moments, compensation. key: int64 0-d (the
-    tensor's stream this step); the other scalars are fp32 0-d tensors, so a new learning rate
-    does not recompile: step_size = lr / (1 − β₁ᵗ), inv_sqrt_bc2 = 1 / √(1 − β₂ᵗ), decay = lr · wd."""
-    g32, w32 = g.float(), w.float()
+    tensor's stream this step); the other scalars are fp32 0-d tensors: step_size = lr / (1 − β₁ᵗ),
+    inv_sqrt_bc2 = 1 / √(1 − β₂ᵗ), decay = lr · wd, gscale = the gradient clipping factor."""
+    g32, w32 = g.float() * gscale, w.float()
     m32 = m.float() * b1 + g32 * (1 - b1)
     v32 = v.float() * b2 + g32 * g32 * (1 - b2)
     y = c.float() - decay * w32 - step_size * m32 / (v32.sqrt() * inv_sqrt_bc2 + eps)
@@ -120,6 +136,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         # {parameter: bf16 rounding residual}: each becomes its parameter's compensation at its
         # first step (parameters a schedule unfreezes later add theirs here)
         self.residuals = dict(residuals or {})
+        self.grad_scale = 1.0  # gradient clipping's factor for the next step (clip_gradients), applied in the pass
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,7 +158,8 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = int(state["step"])
                 scalars = [group["lr"] / (1 - b1 ** t), (1 - b2 ** t) ** -0.5, group["lr"] * group["weight_decay"], b1, b2,
-                           group["eps"]]
+                           group["eps"], self.grad_scale]
                 flat = [_local(x).view(-1) for x in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], state["compensation"])]
                 self.kernel(*flat, stream_key(int(state["seed"]), t), scalars)
+        self.grad_scale = 1.0
         return None

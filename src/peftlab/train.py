@@ -233,7 +233,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     loss.backward()
                 trainable = [p for g in opt.param_groups for p in g["params"]]
                 with torch.profiler.record_function("peftlab.clip"):  # a named range for bench/profile.py
-                    norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+                    norm = optim.clip_gradients(opt, trainable, cfg.clip if cfg.clip > 0 else float("inf"))
                 norm = float(norm.full_tensor() if distributed.is_sharded(norm) else norm)
                 # One collective: the global loss, and whether any process was asked to stop.
                 loss_sum, stop = distributed.all_sum([loss_sum, float(signals.signum or 0)], device)

@@ -9,7 +9,7 @@ Runs the bench's config through `run.fit` (the loop users run), profiles `--step
     attention    the attention kernels (flash forward/backward; under compile, the batched
                  products bmm of the fused backward)
     loss         everything the chunked output layer and cross-entropy run, its GEMMs included
-    optimizer    the optimizer step and gradient clipping
+    optimizer    the optimizer step (its own loops included: kernels.py) and gradient clipping
     elementwise  everything else that computes: compiled (fused) kernels, eager pointwise ops,
                  casts and copies, norms, rotary, residual adds
     overhead     time in Python, dispatch and the autograd engine outside any operator
@@ -36,7 +36,7 @@ def bucket(event) -> str:
     while parent is not None:
         scopes.append(parent.name)
         parent = parent.cpu_parent
-    if any(s.startswith("Optimizer.") or s == "peftlab.clip" for s in scopes) or "_foreach" in name or "fused_adam" in name:
+    if any(s.startswith("Optimizer.step") or s == "peftlab.clip" for s in [name, *scopes]) or "fused_adam" in name:
         return "optimizer"
     if name == "peftlab.loss" or any(s == "peftlab.loss" or "LinearCrossEntropy" in s for s in scopes):
         return "loss"
