@@ -50,7 +50,9 @@ def _torch_ops(w, g, m, v, c, key, scalars):
 def test_kernel_is_the_torch_step_bit_for_bit():
     """The built single-pass kernel computes exactly what the torch expression of the step does,
     split across threads or not."""
-    assert kernels.load() is not None, "the C++ kernel did not build (is g++ installed?)"
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler here: the torch-ops step runs instead (tested below)")
+    assert kernels.load() is not None, "a C++ compiler is present but the kernel did not build"
     for n in (1, 17, 4099, 3 * kernels.CHUNK + 5):
         ops, kernel = _state(n), _state(n)
         key = optim.stream_key(11, 3)
@@ -64,6 +66,8 @@ def test_kernel_is_the_torch_step_bit_for_bit():
 def test_kernel_allocates_no_tensor_sized_temporaries():
     from peftlab import runtime
 
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler here: the torch-ops step runs instead")
     n = 1 << 24  # 16M weights: one fp32 temporary would be 64 MB
     state = _state(n)
     kernels.compensated_adamw(*_state(8), 1, *SCALARS)  # built and loaded
