@@ -14,7 +14,6 @@ titles) is the easy-task contrast.
 
 import json
 import sys
-from pathlib import Path
 
 from common import HERE, run_study
 

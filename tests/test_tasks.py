@@ -3,7 +3,6 @@ log-likelihoods computed by hand, the statistics equal known values, built-in ta
 deterministic with disjoint splits, and bad task files are one line."""
 
 import json
-import math
 
 import pytest
 import torch

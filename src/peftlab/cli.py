@@ -149,7 +149,7 @@ def _train(ctx, out_dir: Path, a: dict):
     from .tasks.evaluate import Scorer, summary as task_summary
     from .train import TrainConfig, config_dict
 
-    resume, overwrite = a["resume"], a["overwrite"]
+    resume = a["resume"]
     cfg = TrainConfig(steps=a["steps"], batch_size=a["batch_size"], seq_len=a["seq_len"], lr=a["lr"], seed=a["seed"],
                       dtype=a["dtype"], device=a["device"], grad_accum=a["grad_accum"], eval_every=a["eval_every"],
                       warmup=a["warmup"], checkpoint_every=a["checkpoint_every"], keep_checkpoints=a["keep_checkpoints"],

@@ -11,17 +11,17 @@ import warnings
 import torch
 import torch.nn as nn
 
-# bitsandbytes on CPU announces every int8 matmul's fp16 cast and an autograd fallback whose
-# input gradients we checked against the dequantized matmul; keep the progress bar readable.
-warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
-
 from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
 from .registry import register
 from .lora import LORA_OPTIONS, add_lora, lora_plan
 from .targets import linear_layers
+
+# bitsandbytes on CPU announces every int8 matmul's fp16 cast and an autograd fallback whose
+# input gradients we checked against the dequantized matmul; keep the progress bar readable.
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
 
 
 def _bnb():
