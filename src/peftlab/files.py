@@ -7,8 +7,20 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc/self/status;
+    elsewhere it is set and put back, the only way POSIX offers)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -22,7 +34,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,7 +59,7 @@ def atomic_dir(path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
         readable(tmp)
@@ -67,6 +79,7 @@ def atomic_dir(path: Path):
 def readable(folder: Path) -> None:
     """Give every file below `folder` the usual permissions (0666 less the umask). Some writers
     (safetensors among them) create files 0600 through a private temporary file."""
+    mode = 0o666 & ~umask()
     for p in Path(folder).rglob("*"):
         if p.is_file():
-            os.chmod(p, 0o666 & ~_UMASK)
+            os.chmod(p, mode)

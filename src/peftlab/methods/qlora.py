@@ -18,17 +18,17 @@ from .registry import register
 from .lora import LORA_OPTIONS, add_lora, lora_plan
 from .targets import linear_layers
 
-# bitsandbytes on CPU announces every int8 matmul's fp16 cast and an autograd fallback whose
-# input gradients we checked against the dequantized matmul; keep the progress bar readable.
-warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
-
 
 def _bnb():
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise UserError("qlora needs bitsandbytes: pip install 'peftlab[quant]'") from None
+    # bitsandbytes on CPU announces every int8 matmul's fp16 cast and an autograd fallback whose
+    # input gradients we checked against the dequantized matmul; keep the progress bar readable.
+    # (Installed when a qlora strategy is applied, not when peftlab is imported.)
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+    warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd kernel")
     return bnb
 
 
