@@ -135,3 +135,36 @@ def test_routing_belongs_to_the_model_being_called():
     with adapters.per_row(a.model, ["__base__", "default"]):
         assert all(slot.rows is None for _, _, slot in attached(b.model))
         torch.testing.assert_close(b.model(input_ids=ids).logits, plain, atol=0, rtol=0)
+
+
+def test_routing_refuses_what_it_cannot_do(tmp_path):
+    """As peft: unknown names, a name count that is not the batch's row count, and a merged
+    adapter (every row would get it) are each one clear error, by both routing paths; nothing
+    stays routed after a refusal."""
+    from peftlab.merge import merge, unmerge
+    from peftlab.methods.attach import attached
+
+    base, ids, plain = two_loras(tmp_path)
+    enable_adapter_names_kwarg(base.model)
+    with pytest.raises(UserError, match="no adapter named 'c'; loaded: a, b"):
+        base.model(input_ids=ids, adapter_names=["a", "c", "b"])
+    with pytest.raises(UserError, match="no adapter named 'c'"):
+        with per_row(base.model, ["c", "a", "b"]):
+            pass
+    with pytest.raises(UserError, match="adapter_names has 2 names for a batch of 3 rows"):
+        base.model(input_ids=ids, adapter_names=["a", "b"])
+    with pytest.raises(UserError, match="routed to 4 adapter names but the batch has 3 rows"):
+        with per_row(base.model, ["a", "b", "a", "b"]):
+            base.model(input_ids=ids)
+    with pytest.raises(UserError, match="one adapter name per batch row"):
+        base.model(input_ids=ids, adapter_names="a")
+    assert all(slot.rows is None for _, _, slot in attached(base.model))
+    set_active(base.model, "a")
+    merge(base.model, ["a"])
+    for route in (lambda: base.model(input_ids=ids, adapter_names=["a", "b", "__base__"]),
+                  lambda: per_row(base.model, ["__base__", "b", "b"]).__enter__()):
+        with pytest.raises(UserError, match="adapter 'a' is merged into the base weights, so every row would get it"):
+            route()
+    unmerge(base.model)
+    routed = base.model(input_ids=ids, adapter_names=["__base__", "__base__", "__base__"]).logits
+    torch.testing.assert_close(routed, plain, atol=1e-5, rtol=0)  # after unmerging, routing works again

@@ -70,11 +70,27 @@ def delete(model, name: str) -> None:
             detach(host, slot, name)
 
 
+def _check_routes(model, names, rows: int | None = None) -> list:
+    """What routing must refuse, as peft does, one line each: names that are not loaded, a count
+    of names that is not the batch's row count, and any merged adapter (its ΔW is in the base
+    weights, so every row — `__base__` ones too — would get it, and rows naming it twice)."""
+    if isinstance(names, str) or not hasattr(names, "__len__"):
+        raise UserError(f"adapter_names must be a list with one adapter name per batch row, got {names!r}")
+    _known(model, [n for n in names if n not in (None, BASE)])
+    if rows is not None and len(names) != rows:
+        raise UserError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one per row")
+    merged = sorted({n for _, _, children in _children(model) for n, c in children.items() if c.merged})
+    if merged:
+        raise UserError(f"adapter {', '.join(repr(n) for n in merged)} is merged into the base weights, so every row "
+                        "would get it; unmerge it (peftlab.merge.unmerge) before routing rows")
+    return [BASE if n is None else n for n in names]
+
+
 @contextmanager
 def per_row(model, names: list):
-    """Route batch row i through adapter names[i] (`__base__` or None: no adapter)."""
-    _known(model, [n for n in names if n not in (None, BASE)])
-    saved = route(model, [BASE if n is None else n for n in names])
+    """Route batch row i through adapter names[i] (`__base__` or None: no adapter). A batch of
+    another size than len(names) is refused when it runs (attach.apply)."""
+    saved = route(model, _check_routes(model, names))
     try:
         yield model
     finally:
@@ -84,7 +100,9 @@ def per_row(model, names: list):
 def _route_kwarg(model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is not None:
-        model.__dict__["_peftlab_rows_before"] = route(model, [BASE if n is None else n for n in names])
+        batch = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        names = _check_routes(model, names, batch.shape[0] if batch is not None else None)
+        model.__dict__["_peftlab_rows_before"] = route(model, names)
     return args, kwargs
 
 

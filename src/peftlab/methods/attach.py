@@ -94,6 +94,9 @@ def apply(children: Slot, out: torch.Tensor, run) -> torch.Tensor:
         for child in active(children):
             out = run(child, None, out)
         return out
+    if len(rows) != out.shape[0]:
+        raise UserError(f"rows are routed to {len(rows)} adapter names but the batch has {out.shape[0]} rows; "
+                        "give one name per row")
     new = out.clone()
     for name, child in children.items():
         idx = [i for i, r in enumerate(rows) if r == name]
