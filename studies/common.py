@@ -25,3 +25,23 @@ def run_study(name: str, data: str, strategies: list, steps: int, model: str = "
         shutil.copy(work / f, keep / f)
     print((keep / "summary.md").read_text())
     return summary
+
+
+def plot_eval_curves(curves: list, title: str, path: Path) -> None:
+    """Held-out loss against step for two or more runs: curves = [(label, [(step, loss), ...]), ...]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    for (label, curve), color in zip(curves, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")):
+        xs, ys = zip(*curve)
+        ax.plot(xs, ys, marker="o", color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss (Moby-Dick)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from peftlab import run, runtime
+from common import plot_eval_curves
 from peftlab.files import write_text
 from peftlab.methods import trainable_parameters
 from peftlab.train import TrainConfig
@@ -58,22 +59,7 @@ def one(master: str) -> dict:
 
 
 def plot(results: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
-    for res, color in zip(results, ("#1f77b4", "#d62728")):
-        xs, ys = zip(*res["curve"])
-        ax.plot(xs, ys, marker="o", color=color, label=f"{res['master_weights']} master weights")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (Moby-Dick)")
-    ax.set_title("Full fine-tuning of SmolLM2-135M in bf16: fp32 vs compensated bf16 masters")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_eval_curves([(f"{res['master_weights']} master weights", res["curve"]) for res in results], "SmolLM2-135M, full, bf16: fp32 vs compensated bf16 masters", path)
 
 
 def summary(results: list) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from peftlab import data, run, runtime
+from common import plot_eval_curves
 from peftlab.files import write_text
 from peftlab.train import TrainConfig, held_out_loss
 
@@ -47,22 +48,7 @@ def one(precision: str) -> dict:
 
 
 def plot(results: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
-    for res, color in zip(results, ("#1f77b4", "#d62728")):
-        xs, ys = zip(*res["curve"])
-        ax.plot(xs, ys, marker="o", color=color, label=f"{res['precision']} base ({res['dtype']} compute)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (Moby-Dick)")
-    ax.set_title("LoRA r=8 q,v on SmolLM2-135M: float vs int8 frozen base")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_eval_curves([(f"{res['precision']} base ({res['dtype']} compute)", res["curve"]) for res in results], "LoRA r=8 q,v on SmolLM2-135M: float vs int8 frozen base", path)
 
 
 def summary(results: list) -> str:
