@@ -20,8 +20,8 @@ def test_counts_are_loras(arch):
 
 def test_b_gets_ratio_times_the_learning_rate():
     model = load_model("tiny-llama").model
-    prepare(model, "loraplus:r=4,ratio=8")
-    groups = parameter_groups(model, trainable_parameters(model).values())
+    prepared = prepare(model, "loraplus:r=4,ratio=8")
+    groups = parameter_groups(prepared, model, trainable_parameters(model).values())
     names = {id(p): n for n, p in model.named_parameters()}
     assert [g["lr_scale"] for g in groups] == [1.0, 8.0]
     assert all(names[id(p)].endswith(".A") for p in groups[0]["params"])

@@ -4,8 +4,9 @@
       state.safetensors   param.<name>          every trainable tensor (fp32 master copies)
                           exp_avg.<name>, exp_avg_sq.<name>, step.<name>   AdamW's moments
                           rng.torch, rng.cuda.<i>                          generator states
+                          training.<i>.<key>   step i's training-time state (AdaLoRA's scores)
       state.json          step, batches drawn, optimizer groups, the run's identity,
-                          the metric records so far
+                          the metric records so far, each step's training state (JSON part)
 
 A checkpoint folder is written under a temporary name and renamed into place, so a kill at
 any moment leaves either the previous checkpoints or the new one, never half of one; the
@@ -73,9 +74,11 @@ def step_of(folder: Path) -> int:
     return int(PATTERN.match(Path(folder).name).group(1))
 
 
-def save(out: Path, step: int, model, opt, drawn: int, records: list, identity: dict, keep: int) -> Path | None:
+def save(out: Path, step: int, model, opt, drawn: int, records: list, identity: dict, keep: int,
+         training: list = ()) -> Path | None:
     """Write the checkpoint of `step` (every process takes part in gathering sharded tensors;
-    only rank 0 writes). Returns its folder on rank 0."""
+    only rank 0 writes). `training`: the strategy steps' `Training` objects, whose state is
+    saved beside the optimizer's. Returns its folder on rank 0."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, groups = {}, []
     for group in (opt.param_groups if opt else []):
@@ -91,8 +94,14 @@ def save(out: Path, step: int, model, opt, drawn: int, records: list, identity: 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
+    methods = []
+    for i, t in enumerate(training):
+        meta, own = t.state()
+        methods.append(meta)
+        tensors.update({f"training.{i}.{k}": v.detach().cpu() for k, v in own.items()})
     np_state = np.random.get_state()
     state = {"step": step, "drawn": drawn, "groups": groups, "identity": identity, "records": records,
+             "training": methods,
              "rng_python": _jsonable(random.getstate()), "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     target = folder_of(out, step)
     from safetensors.torch import save_file
@@ -121,14 +130,15 @@ def check_identity(saved: dict, now: dict, where: Path) -> None:
                             f"{now[key]}; use the run's own arguments or another --out")
 
 
-def restore(state: dict, tensors: dict, model, opt) -> None:
-    """Put the saved trainable tensors, AdamW moments and generator states back."""
+def restore(state: dict, tensors: dict, model, opt, training: list = ()) -> None:
+    """Put the saved trainable tensors, AdamW moments, the strategy steps' training state
+    and generator states back."""
     params = dict(model.named_parameters())
     where = f"checkpoint step {state['step']}"
     moments: dict = {}  # parameter name -> {"exp_avg": t, "exp_avg_sq": t, "step": t}
     for key, t in tensors.items():
         head, _, name = key.partition(".")
-        if head not in ("param", "rng"):
+        if head not in ("param", "rng", "training"):
             moments.setdefault(name, {})[head] = t
     with torch.no_grad():
         for group in state["groups"]:
@@ -139,6 +149,13 @@ def restore(state: dict, tensors: dict, model, opt) -> None:
                 _copy_into(p, distributed.like(tensors[f"param.{n}"].to(p.dtype), p))
                 if n in moments:  # counters and seeds stay plain tensors, the moments take p's layout
                     opt.state[p] = {k: t.to(p.device) if t.dim() == 0 else distributed.like(t, p) for k, t in moments[n].items()}
+    saved = state.get("training") or [{} for _ in training]  # older checkpoints: no such state
+    if len(saved) != len(training):
+        raise UserError(f"{where}: saved the training state of {len(saved)} strategy steps, this strategy has "
+                        f"{len(training)}; was it written by another strategy?")
+    for i, t in enumerate(training):
+        prefix = f"training.{i}."
+        t.restore(saved[i], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
     if cuda and torch.cuda.is_available():

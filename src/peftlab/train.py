@@ -123,8 +123,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     check_master_weights(cfg.master_weights, dtype == torch.bfloat16)
     if cfg.base_precision == "int8" and cfg.fsdp:
         raise UserError("--base-precision int8 keeps the frozen base in buffers, which FSDP does not shard; use DDP (drop --fsdp)")
-    if distributed.world_size() > 1 and prepared.unfreeze_at:
-        raise UserError("gradual unfreezing (schedule) trains in one process only; drop --nproc / torchrun")
+    check_processes(prepared, cfg)
     torch.manual_seed(cfg.seed)
     ident = run_identity(model, blocks, prepared, cfg, identity)
     state, tensors = None, None
@@ -148,6 +147,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         note = int8.int8_note(device)
         if note and show and distributed.is_main():
             print(note, file=sys.stderr, flush=True)
+    for t in prepared.training:  # before a resume restores their state: that state is planned for this run
+        t.start(model, cfg.steps)
     residuals = _residuals(model, cfg)
     runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
     if cfg.grad_checkpoint:
@@ -165,13 +166,14 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     params = list(trainable_parameters(model).values())
     named = trainable_parameters(model)  # after wrapping: a sharded run's parameters are new objects
     residuals = {named[n]: distributed.like(r, named[n]) for n, r in residuals.items() if n in named}
-    opt = adamw(parameter_groups(model, params), cfg, residuals) if params else None
+    opt = adamw(parameter_groups(prepared, model, params), cfg, residuals) if params else None
     del residuals
+    later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
     if state:
-        for at in sorted(prepared.unfreeze_at):
+        for at in sorted(later):
             if at < state["step"]:
-                opt = _unfreeze(model, prepared.unfreeze_at[at], opt, cfg)
-        checkpoint.restore(state, tensors, model, opt)
+                opt = _unfreeze(model, later[at], opt, cfg)
+        checkpoint.restore(state, tensors, model, opt, prepared.training)
     eval_every = cfg.eval_every or math.ceil(cfg.steps / 5)  # at most five evaluations, also in short runs
     drawn = state["drawn"] if state else 0
     batches = blocks.batches(cfg.batch_size, cfg.seed, start=drawn)
@@ -212,12 +214,12 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for step in range(first, cfg.steps + 1):
-                if step - 1 in prepared.unfreeze_at:
-                    opt = _unfreeze(model, prepared.unfreeze_at[step - 1], opt, cfg)
+                if step - 1 in later:
+                    opt = _unfreeze(model, later[step - 1], opt, cfg)
                 start = time.perf_counter()
                 for group in opt.param_groups:  # a method may ask for its own multiplier (LoRA+)
                     group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg)
-                loss_sum = 0.0
+                loss_sum, term_sum = 0.0, None if not prepared.training else 0.0
                 for _ in range(cfg.grad_accum):
                     ids, labels = next(batches)
                     drawn += 1
@@ -230,7 +232,13 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     else:
                         loss = total / count.clamp_min(1) / cfg.grad_accum
                         loss_sum += float(loss.detach())
+                    term = method_loss(prepared, model)  # a method's own term (AdaLoRA: orthogonality)
+                    if term is not None:
+                        loss = loss + term / cfg.grad_accum
+                        term_sum += float(term.detach()) / cfg.grad_accum
                     loss.backward()
+                for t in prepared.training:
+                    t.after_backward(model, step)
                 trainable = [p for g in opt.param_groups for p in g["params"]]
                 with torch.profiler.record_function("peftlab.clip"):  # a named range for bench/profile.py
                     norm = optim.clip_gradients(opt, trainable, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -240,6 +248,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 finite = math.isfinite(loss_sum) and math.isfinite(norm)
                 if finite:
                     opt.step()
+                    for t in prepared.training:
+                        t.after_step(model, step)
                 elif cfg.skip_nonfinite:
                     skipped += 1
                 else:
@@ -260,6 +270,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                     "tokens_per_s": tokens_per_step / dt,
                     "peak_mem": runtime.peak_memory(device),
                 }
+                if term_sum:  # the task's loss stays "loss", comparable across strategies
+                    record["method_loss"] = term_sum
                 if not finite:
                     record |= {"skipped": True, "skipped_total": skipped}
                 if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
@@ -274,7 +286,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 saved = None
                 if out and (periodic or stop):
                     bar.phase("checkpointing", step)
-                    saved = checkpoint.save(out, step, model, opt, drawn, records, ident, cfg.keep_checkpoints)
+                    saved = checkpoint.save(out, step, model, opt, drawn, records, ident, cfg.keep_checkpoints,
+                                            prepared.training)
                 if stop:
                     raise Interrupted(stop, step, saved or (checkpoint.folder_of(out, step) if out else None))
     except RuntimeError as e:
@@ -292,6 +305,21 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         raise NonFinite(f"every one of the {cfg.steps} steps had a non-finite loss or gradient and was skipped; "
                         "nothing was learned and no adapter was written. Lower --lr, check the model's weights and the data")
     return records
+
+
+def check_processes(prepared, cfg: TrainConfig) -> None:
+    """Refuse a process layout a strategy step's training-time work cannot follow."""
+    for t in prepared.training:
+        if t.processes == "one" and distributed.world_size() > 1:
+            raise UserError(f"{t.method} trains in one process only; drop --nproc / torchrun")
+        if t.processes == "ddp" and cfg.fsdp:
+            raise UserError(f"{t.method} needs whole tensors in every process; train it with DDP (drop --fsdp)")
+
+
+def method_loss(prepared, model) -> torch.Tensor | None:
+    """The sum of the loss terms the strategy's steps add, or None when none adds one."""
+    terms = [t for t in (tr.loss(model) for tr in prepared.training) if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def trained_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -60,7 +60,7 @@ def adapter_trainer(base: type) -> type:
             opt = super().create_optimizer(*args, **kwargs)
             model = self.accelerator.unwrap_model(self.model)
             groups = [g | sub | {"lr": g["lr"] * sub["lr_scale"]} for g in opt.param_groups
-                      for sub in parameter_groups(model, g["params"])]
+                      for sub in parameter_groups(self.peftlab_prepared, model, g["params"])]
             if any(g["lr_scale"] != 1 for g in groups):  # before the first step: no optimizer state yet
                 opt.param_groups.clear()
                 for g in groups:

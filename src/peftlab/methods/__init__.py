@@ -2,9 +2,11 @@
 
 A method is a function `apply(model, **options)` registered under a name with the options it
 accepts. It changes the model in place: it marks base parameters trainable (freezing methods)
-or adds trainable modules (LoRA, adapters, prompts...). It may return a schedule
-`{step: [parameter names]}` of parameters that become trainable later. The training loop only
-sees which parameters require gradients; it never asks which method made them.
+or adds trainable modules (LoRA, adapters, prompts...). It may return a `Training`
+(protocol.py): what it does while training (parameters that start training later, learning-
+rate multipliers, a loss term, hooks around the optimizer step, state for checkpoints). The
+training loop sees which parameters require gradients and those objects; it never asks which
+method made them.
 """
 
 import inspect
@@ -15,20 +17,33 @@ import torch.nn as nn
 from ..errors import UserError
 from ..fingerprint import record as record_base
 from ..spec import Step, parse
-from .protocol import Added
+from .protocol import Added, Training
 from .registry import REGISTRY, Method, discover, register  # noqa: F401  (the package's face)
 
 
 @dataclass
 class Prepared:
-    """What `prepare` did to a model: the parsed steps and any delayed unfreezing."""
+    """What `prepare` did to a model: the parsed steps and each step's `Training`."""
 
     steps: list
-    unfreeze_at: dict = field(default_factory=dict)  # step -> [parameter names]
+    training: list = field(default_factory=list)  # [Training], in step order
 
     @property
     def spec(self) -> str:
         return "/".join(str(s) for s in self.steps)
+
+    @property
+    def unfreeze_at(self) -> dict:
+        """step -> [parameter names] that start training at that step, over all steps."""
+        plan = {}
+        for t in self.training:
+            for at, names in t.unfreeze_at.items():
+                plan.setdefault(at, []).extend(names)
+        return plan
+
+    def lr_scales(self, model: nn.Module) -> dict:
+        """parameter name -> learning-rate multiplier (1 where no step asks for another)."""
+        return {n: s for t in self.training for n, s in t.lr_scales(model).items()}
 
 
 def parse_strategy(spec: str) -> list[Step]:
@@ -54,13 +69,16 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
         if "tokenizer" in inspect.signature(method.apply).parameters:
             opts["tokenizer"] = tokenizer
         before = {id(m) for m in model.modules()}
-        schedule = method.apply(model, **opts)
+        training = method.apply(model, **opts)
         for m in model.modules():
             if isinstance(m, Added) and id(m) not in before:
                 m.method = step.method  # which step made it: the peft codec of that step saves it
         _one_step_per_place(model, step, before, places)
-        for at, names in (schedule or {}).items():
-            prepared.unfreeze_at.setdefault(at, []).extend(names)
+        if training is not None:
+            if not isinstance(training, Training):
+                raise TypeError(f"method {step.method} returned {type(training).__name__}; apply returns a Training or None")
+            training.method = step.method  # how messages name it
+            prepared.training.append(training)
     if not trainable_parameters(model) and 0 not in prepared.unfreeze_at:
         raise UserError(f"strategy '{spec}' leaves nothing to train on this model")
     return prepared
@@ -83,23 +101,11 @@ def _one_step_per_place(model: nn.Module, step: Step, before: set, places: dict)
                                 f"of them per layer (keep one step, or train them as separate adapters)")
 
 
-def lr_scales(model: nn.Module) -> dict:
-    """id(parameter) -> learning-rate multiplier, for the parameters added modules scale
-    (`Added.lr_scale`; LoRA+ trains B faster than A)."""
-    scale = {}
-    for m in model.modules():
-        if isinstance(m, Added):
-            for name, s in m.lr_scale.items():
-                p = getattr(m, name, None)
-                if p is not None:
-                    scale[id(p)] = float(s)
-    return scale
-
-
-def parameter_groups(model: nn.Module, params, base: dict | None = None) -> list[dict]:
-    """Optimizer groups for `params` (tensors of `model`), one per learning-rate multiplier,
-    the plain group (×1) first; each group is `base` plus params and its `lr_scale`."""
-    scale = lr_scales(model)
+def parameter_groups(prepared: Prepared, model: nn.Module, params, base: dict | None = None) -> list[dict]:
+    """Optimizer groups for `params` (tensors of `model`), one per learning-rate multiplier the
+    strategy's steps ask for, the plain group (×1) first; each is `base` plus params and `lr_scale`."""
+    by_name = prepared.lr_scales(model)
+    scale = {id(p): float(by_name[n]) for n, p in model.named_parameters() if n in by_name}
     groups = {}
     for p in params:
         groups.setdefault(scale.get(id(p), 1.0), []).append(p)

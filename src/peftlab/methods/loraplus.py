@@ -5,13 +5,24 @@
 Hayou et al. (2024) show that with one learning rate for both factors, feature learning in
 wide layers is inefficient: B (zero-init, out × r) needs a larger step than A. The adapter is
 plain LoRA (it saves as peft's LORA and merges like it); only the optimizer differs, through
-the protocol's `lr_scale`. Trainable per target: r(m+n), as LoRA.
+the training protocol's `lr_scales`. Trainable per target: r(m+n), as LoRA.
 """
 
 from ..spec import Option
 from .lora import LORA, LORA_OPTIONS, add_lora
-from .protocol import Added
+from .protocol import Added, Training
 from .registry import register
+
+
+class FasterB(Training):
+    """B matrices of the modules this step added learn `ratio` × faster."""
+
+    def __init__(self, modules: list, ratio: float):
+        self.modules, self.ratio = modules, ratio
+
+    def lr_scales(self, model) -> dict:
+        mine = {id(m) for m in self.modules}
+        return {f"{path}.B": self.ratio for path, m in model.named_modules() if id(m) in mine}
 
 
 @register("loraplus", peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
@@ -20,6 +31,4 @@ def loraplus(model, ratio, **opts):
     """LoRA with B trained at ratio × the learning rate of A (LoRA+)."""
     before = {id(m) for m in model.modules()}
     add_lora(model, dora=False, method="loraplus", **opts)
-    for m in model.modules():
-        if isinstance(m, Added) and id(m) not in before:
-            m.lr_scale = {"B": ratio}
+    return FasterB([m for m in model.modules() if isinstance(m, Added) and id(m) not in before], ratio)

@@ -13,11 +13,25 @@ An added module lives at `host.<slot>[adapter name]` (see attach.py) and carries
     head_weight(L, W) on the output layer: the weight the loss should multiply by (None: the
                       loss runs the layer, which is slower: loss.py never builds all logits otherwise)
     peft_keys         parameter name -> the tensor name peft stores it under on the host
-    lr_scale          parameter name -> learning-rate multiplier (LoRA+: B trains ratio × faster)
     stored()          parameter name -> tensor as saved (a reparametrisation may fold here)
 
 A method whose added module overrides nothing but `forward` still switches, disables,
 deletes, saves and loads; `delta_weight` makes it mergeable and tracked as a weight change.
+
+What a method does while it trains, beyond its modules' forward pass, is a `Training` object
+that its `apply` returns (the training loops, train.py and trainer.py, call it; they never
+ask which method made it):
+
+    start(model, steps)       the run's length is known (AdaLoRA's budget schedule needs it)
+    unfreeze_at               {step: [parameter names]} that start training at that step
+    lr_scales(model)          parameter name -> learning-rate multiplier (LoRA+: B × ratio)
+    loss(model)               a term added to every micro-batch's mean loss, or None
+    after_backward(model, s)  the step's gradients are summed (unclipped), before the optimizer
+    after_step(model, s)      after the optimizer step, gradients still there (AdaLoRA masks)
+    state() / restore(s, t)   (JSON, {name: tensor}) a checkpoint saves and a resume puts back,
+                              so a resumed run continues bit for bit
+    processes                 "any", "ddp" (state that needs whole tensors: not under FSDP) or
+                              "one" (a single process)
 """
 
 from typing import ClassVar
@@ -41,7 +55,6 @@ class Added(nn.Module):
         self.active = True
         self.merged = False
         self.method = ""  # the strategy step that added it (set by `prepare`)
-        self.lr_scale = {}  # parameter name -> learning-rate multiplier (default 1)
 
     def delta_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """ΔW for host `layer`, shape (out, in), or None when the method has no such weight."""
@@ -74,3 +87,33 @@ class Added(nn.Module):
         """peft's tensor name suffix -> our tensor, for the parameters peft knows."""
         mine = self.stored()
         return {suffix: mine[name] for name, suffix in self.peft_keys.items() if mine.get(name) is not None}
+
+
+class Training:
+    """A strategy step's training-time behaviour (see the module docstring). Every hook does
+    nothing by default; a method overrides what it needs."""
+
+    unfreeze_at: dict = {}
+    processes: str = "any"
+    method: str = ""  # the strategy step that returned it (set by `prepare`)
+
+    def start(self, model: nn.Module, steps: int) -> None:
+        pass
+
+    def lr_scales(self, model: nn.Module) -> dict:
+        return {}
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        pass

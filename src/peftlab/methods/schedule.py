@@ -2,14 +2,24 @@
 
     schedule:mlp=0,norm=0,attention=100   -> MLP and norms from the start, attention from step 100
 
-The training loop hands newly trainable parameters to the optimizer at their step.
+The step returns a `Training` whose `unfreeze_at` the training loop reads: it hands newly
+trainable parameters to the optimizer at their step (a single process: the set of trained
+tensors changes mid-run).
 """
 
 from ..components import COMPONENTS
 from ..errors import UserError
 from ..spec import Option
-from .registry import register
 from .freeze import select, unfreeze
+from .protocol import Training
+from .registry import register
+
+
+class Unfreeze(Training):
+    processes = "one"
+
+    def __init__(self, plan: dict):
+        self.unfreeze_at = plan  # step -> [parameter names]
 
 
 @register("schedule", **{c: Option(None, "int", help=f"step at which {c} starts training", low=0) for c in COMPONENTS})
@@ -30,4 +40,4 @@ def schedule(model, **starts):
             plan.setdefault(step, []).extend(names)
     if not plan and not any(v == 0 for v in starts.values()):
         raise UserError("schedule: give each component its start step, e.g. schedule:mlp=0,attention=100")
-    return plan
+    return Unfreeze(plan)
