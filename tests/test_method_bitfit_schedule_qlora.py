@@ -59,8 +59,15 @@ def test_qlora_stores_the_base_in_few_bits_and_trains(bits, at_most, text_file):
     assert linear_now <= at_most * linear_fp32 * (2 if bits == 8 else 1)
     assert n_trainable(loaded.model) == sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]) * 2
     blocks = load_blocks(loaded, str(text_file), 64)
+    floats = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.dtype.is_floating_point}
     records = train(loaded.model, blocks, prepared, TrainConfig(steps=15, lr=3e-3, dtype="bf16"), show=False)
     assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    # only LoRA's tensors train; the float frozen ones (norms, embeddings) are untouched but for
+    # their storage in bf16 (the quantized ones change layout when bitsandbytes repacks them for CPU)
+    assert all(".lora." in n for n, p in loaded.model.named_parameters() if p.requires_grad)
+    params = dict(loaded.model.named_parameters())
+    moved = {n for n, p in floats.items() if not torch.equal(params[n], p.to(params[n].dtype))}
+    assert moved and all(".lora." in n for n in moved), moved
 
 
 def test_qlora_refuses_conv1d():

@@ -131,3 +131,23 @@ def test_the_loss_runs_the_head_when_an_added_module_there_has_no_weight():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     ours.backward()
     assert loaded.model.lm_head.temperature["default"].t.grad is not None
+
+
+def test_codec_fields_cover_every_key_of_peft_config_classes():
+    """hf's known keys come from the codecs: each declares its peft config class's keys, so a
+    folder peft wrote reads without an "unknown key" warning. Checked against peft itself."""
+    import dataclasses
+
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from peftlab.artifacts.hf import BASE_FIELDS
+    from peftlab.methods import REGISTRY
+
+    assert {f.name for f in dataclasses.fields(peft.PeftConfig)} <= BASE_FIELDS
+    for method in REGISTRY.values():
+        codec = method.peft
+        if codec is None or codec.peft_type is None or codec.read is None:
+            continue
+        keys = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[codec.peft_type])} - BASE_FIELDS
+        assert keys <= codec.fields, (method.name, sorted(keys - codec.fields))

@@ -52,6 +52,8 @@ CASES = {
     "lora-bf16": ["-s", "lora:r=4", "--steps", 8, "--dtype", "bf16"],
     "freeze-bf16-compile": ["-s", "freeze:train=mlp+norm", "--steps", 6, "--dtype", "bf16", "--compile"],
     "schedule": ["-s", "schedule:mlp=0,attention=5", "--steps", 8],  # attention unfreezes after the kill
+    # killed while the rank budget falls (steps 2-5); its scores and masks must come back
+    "adalora": ["-s", "adalora:r=4,target_r=2,tinit=1,tfinal=2", "--steps", 8],
 }
 
 

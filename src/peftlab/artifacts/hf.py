@@ -21,7 +21,7 @@ from .. import fingerprint
 from ..errors import UserError
 from ..methods import REGISTRY, prepare
 from ..methods.attach import attached
-from ..methods.registry import companions, peft_reader
+from ..methods.registry import companions, known_fields, peft_reader
 from ..spec import Step
 from .io import read_json, read_metadata, read_tensors, refuse_nonfinite, refuse_nonfinite_json, write_tensors
 
@@ -29,22 +29,14 @@ CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT = "peftlab_base_fingerprint"  # key in the tensors file's metadata
-# Keys peft 0.21 writes across its configs; anything else draws a warning and is ignored.
-KNOWN = {
-    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
-    "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
-    "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
-    "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
-    "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
-    "revision", "target_modules", "target_parameters", "task_type", "trainable_token_indices", "use_bdlora",
-    "use_dora", "use_qalora", "use_rslora", "velora_config", "num_attention_heads", "num_layers",
-    "num_transformer_submodules", "num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text",
-    "tokenizer_kwargs", "tokenizer_name_or_path", "token_dim", "encoder_hidden_size", "init_weights",
-    "prefix_projection", "feedforward_modules", "alpha", "module_dropout", "use_effective_conv2d", "decompose_both",
-    "decompose_factor", "rank_dropout", "rank_dropout_scale", "use_upper_bound", "projection_prng_key",
-    "save_projection", "vera_dropout", "d_initial", "oft_block_size", "coft", "eps", "block_share",
-    "use_cayley_neumann", "num_cayley_neumann_terms", "token_indices", "init_ia3_weights",
-}
+# Keys every peft config has; each codec declares its type's own (PeftCodec.fields), and any
+# other key draws a warning and is ignored.
+BASE_FIELDS = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                         "peft_version"})
+
+
+def known() -> frozenset:
+    return BASE_FIELDS | known_fields()
 
 
 def _codec(step):
@@ -152,21 +144,23 @@ FIELDS = {
 }
 
 
-def check_fields(config: dict, where: Path) -> None:
-    """A field of the wrong type (target_modules: 5) is one error naming the file and the key."""
-    for key, (ok, expected) in FIELDS.items():
+def check_fields(config: dict, where: Path, codec=None) -> None:
+    """A field of the wrong type (target_modules: 5) is one error naming the file and the key
+    (`codec`: the reading codec, whose `checks` replace these where its type differs)."""
+    for key, (ok, expected) in (FIELDS | (codec.checks if codec else {})).items():
         if key in config and not ok(config[key]):
             raise UserError(f"{where}: {key} is {json.dumps(config[key])[:80]}; it should be {expected}")
 
 
 def steps_of(config: dict, where: Path) -> list:
     """The peftlab steps equivalent to a peft adapter_config.json."""
-    check_fields(config, where)
+    check_fields({"peft_type": config["peft_type"]}, where)
     kind = config["peft_type"]
     codec = peft_reader(kind)
     if codec is None:
         readable = sorted({m.peft.peft_type for m in REGISTRY.values() if m.peft and m.peft.read})
         raise UserError(f"{where}: peft_type {kind} is not supported; peftlab reads {', '.join(readable)}")
+    check_fields(config, where, codec)
     steps = [codec.read(config, where)]
     for extra in companions():
         found = extra.read_inside(config, where)
@@ -191,7 +185,7 @@ def load(model, folder: Path, name: str = "default", force_base: bool = False):
     """Load a peft-format folder into `model` as adapter `name`; return `Prepared`
     (`force_base`: a base other than the adapter's is a warning, not an error)."""
     folder = Path(folder)
-    config = read_json(folder / CONFIG, required=("peft_type",), known=KNOWN)
+    config = read_json(folder / CONFIG, required=("peft_type",), known=known())
     refuse_nonfinite_json(folder / CONFIG, config)
     tensors = read_tensors(folder / TENSORS)
     refuse_nonfinite(folder / TENSORS, tensors)

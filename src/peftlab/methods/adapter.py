@@ -48,7 +48,7 @@ def adapter_hook(sublayer, args, output):
 
 
 @register(
-    "adapter",
+    "adapter", examples=("adapter:r=8", "adapter:r=8,placement=pfeiffer"),
     r=Option(None, "int", help="bottleneck size (default: d / reduction)", low=1),
     reduction=Option(16, "int", help="bottleneck = hidden size / reduction, when r is not given", low=1),
     placement=Option("houlsby", "choice", ("houlsby", "pfeiffer")),

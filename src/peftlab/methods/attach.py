@@ -123,3 +123,16 @@ def route(model: nn.Module, rows) -> list:
 def unroute(saved: list) -> None:
     for s, rows in saved:
         s.rows = rows
+
+
+def base_modules(model) -> dict:
+    """{path: module} of the model's own modules: none that peftlab added (slots, added
+    modules and what they hold)."""
+    every = dict(model.named_modules())
+
+    def added(path, module):
+        parts = path.split(".")
+        return isinstance(module, Slot) or getattr(module, "_peftlab_added", False) or any(
+            getattr(every.get(".".join(parts[:i])), "_peftlab_added", False) for i in range(1, len(parts)))
+
+    return {p: m for p, m in every.items() if not added(p, m)}

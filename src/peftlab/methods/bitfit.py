@@ -11,7 +11,7 @@ from .registry import register
 from .freeze import unfreeze
 
 
-@register("bitfit", norms=Option(False, "bool", help="also train norm weights (needed on bias-free models)"))
+@register("bitfit", examples=("bitfit:norms=true",), norms=Option(False, "bool", help="also train norm weights (needed on bias-free models)"))
 def bitfit(model, norms):
     """Train biases only (norms=true adds the norm weights)."""
     places = where(model)

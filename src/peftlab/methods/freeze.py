@@ -51,7 +51,7 @@ def full(model):
 
 
 @register(
-    "freeze",
+    "freeze", examples=("freeze:train=mlp+norm", "freeze:train=mlp"),
     train=Option((), "list", help="components to train: " + "+".join(("embed", "attention", "q", "k", "v", "o", "mlp", "norm", "lm_head", "bias"))),
     layers=Option(None, help="block range A-B; only parameters inside these blocks train"),
     include=Option(None, "regex", help="regex searched in parameter names to also train"),
@@ -73,7 +73,7 @@ def freeze_attention(model):
     unfreeze(model, select(model, ("mlp", "norm")))
 
 
-@register("targeted-qkv", from_layer=Option(6, "int", help="first block whose W_Q, W_K, W_V train", low=0))
+@register("targeted-qkv", examples=("targeted-qkv:from_layer=1", "targeted-qkv:from_layer=1/lora:r=4"), from_layer=Option(6, "int", help="first block whose W_Q, W_K, W_V train", low=0))
 def targeted_qkv(model, from_layer):
     """Train only W_Q, W_K, W_V of blocks >= from_layer."""
     n = num_layers(model)

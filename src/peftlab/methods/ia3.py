@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..spec import Option, Step, user_regex
 from .attach import apply, attach
 from .protocol import Added
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 from .targets import base_weight, dims, linear_layers, pick_targets, target_options, write_weight
 
 # peft 0.21's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING
@@ -202,7 +202,8 @@ def from_peft(config: dict, where) -> Step:
 
 
 @register(
-    "ia3", peft=PeftCodec("IA3", to_peft, from_peft),
+    "ia3", peft=PeftCodec("IA3", to_peft, from_peft, fields=peft_fields(
+        "target_modules exclude_modules feedforward_modules fan_in_fan_out modules_to_save init_ia3_weights")),
     targets=Option(None, "list", help="leaf names or path suffixes, or all-linear (default: peft's for the model)"),
     feedforward=Option(None, "list", help="targets that scale their input: path endings (default: the MLP's down projection)"),
     target_regex=Option(None, "regex", help="regex searched in module paths (alone, it replaces the default targets)"),

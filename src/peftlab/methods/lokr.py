@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..spec import Option, Step
 from .attach import attach
-from .loha import LYCORIS_OPTIONS, kaiming_, linear_only, lycoris_fields, lycoris_plan, read_lycoris
+from .lowrank import kaiming_
+from .lycoris import LYCORIS_FIELDS, LYCORIS_OPTIONS, linear_only, lycoris_fields, lycoris_plan, read_lycoris
 from .protocol import Added
 from .registry import PeftCodec, register, resolved
 from .targets import dims
@@ -105,7 +106,8 @@ def from_peft(config: dict, where) -> Step:
         "init": "lycoris" if config.get("init_weights") == "lycoris" else "peft"})
 
 
-@register("lokr", peft=PeftCodec("LOKR", to_peft, from_peft, accepts=linear_only), **LYCORIS_OPTIONS,
+@register("lokr", examples=("lokr:r=2",), peft=PeftCodec("LOKR", to_peft, from_peft, accepts=linear_only,
+                                           fields=LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}), **LYCORIS_OPTIONS,
           decompose_both=Option(False, "bool", help="also factor W1 low rank when r < max(a, c)/2"),
           decompose_factor=Option(-1, "int", help="Kronecker factor size (-1: near √dim)", low=-1),
           init=Option("peft", "choice", ("peft", "lycoris"), help="which factor starts at zero: W1 (peft) or W2"))

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..spec import Option, Step, clip, pattern_item
+from ..spec import Option, Step
 from .attach import attach
+from .lowrank import LORA_FIELDS, check_ranks, pattern_value, read_patterns
 from .protocol import Added
 from .registry import PeftCodec, register
 from .targets import (REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options,
@@ -128,41 +129,6 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
         delta.magnitude = nn.Parameter(delta.row_norm(layer))
 
 
-def read_patterns(items, what: str, of: str = "float", low=None) -> list:
-    """[(compiled pattern, value)] for 'PATTERN=VALUE' items (rank_pattern, alpha_pattern), each
-    checked: a safe regex, a finite number of kind `of` (int or float), ≥ low."""
-    return [pattern_item(item, what, of, low) for item in items]
-
-
-def pattern_value(patterns, path: str, default, kind=float):
-    r"""peft's rule: the first 'pattern=value' whose pattern ends `path` after a dot wins, i.e.
-    matches in full the path or a part of it after a dot (peft: re.match(rf"(.*\.)?({key})$")).
-    `patterns`: 'PATTERN=VALUE' items or `read_patterns`' pairs."""
-    ends = [path] + [path[i + 1:] for i, ch in enumerate(path) if ch == "."]
-    for item in patterns:
-        rx, value = item if isinstance(item, tuple) else pattern_item(item, "pattern", "int" if kind is int else "float")
-        if any(rx.fullmatch(end) for end in ends):
-            return value
-    return default
-
-
-def check_ranks(method: str, plan: list, r: int) -> None:
-    """Refuse a rank above a target's smaller dimension before anything is allocated: such a
-    rank adds parameters but no rank to ΔW (which has rank ≤ min(in, out)), and r=10⁶ would
-    allocate gigabytes. `plan`: [(path, layer, rank, from a rank_pattern)]."""
-    for path, layer, rank, patterned in sorted(plan, key=lambda x: min(dims(x[1]))):
-        d_in, d_out = dims(layer)
-        limit = min(d_in, d_out)
-        if rank <= limit:
-            continue
-        side = f"{d_in} inputs" if d_in <= d_out else f"{d_out} outputs"
-        if patterned:
-            raise UserError(f"{method}: rank_pattern gives {path} rank {rank}, larger than its {side}; "
-                            f"its rank must be ≤ {limit}")
-        raise UserError(f"{method}: r={clip(r)} is larger than {path.rsplit('.', 1)[-1]}'s {side} ({path}); "
-                        f"r must be ≤ {limit}")
-
-
 def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), alpha_pattern=(), alpha=None) -> list:
     """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
     alpha = 2 * r if alpha is None else alpha
@@ -269,16 +235,16 @@ def from_peft(config: dict, where) -> Step:
     return Step("lora", options)
 
 
-LORA = PeftCodec("LORA", to_peft, from_peft, accepts=lambda step, model: step.options.get("init", "kaiming") != "pissa")
+LORA = PeftCodec("LORA", to_peft, from_peft, fields=LORA_FIELDS, accepts=lambda step, model: step.options.get("init", "kaiming") != "pissa")
 
 
-@register("lora", peft=LORA, **LORA_OPTIONS)
+@register("lora", examples=("lora:r=4", "lora:r=4,targets=all-linear,rslora=true", "lora:r=4,init=pissa"), peft=LORA, **LORA_OPTIONS)
 def lora(model, **opts):
     """Low-rank update W + (α/r)·BA on chosen linear layers; dora=true, rslora=true variants."""
     add_lora(model, method="lora", **opts)
 
 
-@register("dora", peft=LORA.writer(), **LORA_OPTIONS)
+@register("dora", examples=("dora:r=4",), peft=LORA.writer(), **LORA_OPTIONS)
 def dora(model, **opts):
     """LoRA direction plus a trainable magnitude per output feature."""
     add_lora(model, method="dora", **(opts | {"dora": True}))

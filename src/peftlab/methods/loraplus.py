@@ -25,7 +25,7 @@ class FasterB(Training):
         return {f"{path}.B": self.ratio for path, m in model.named_modules() if id(m) in mine}
 
 
-@register("loraplus", peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
+@register("loraplus", examples=("loraplus:r=4",), peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
           **{k: v for k, v in LORA_OPTIONS.items() if k != "dora"})
 def loraplus(model, ratio, **opts):
     """LoRA with B trained at ratio × the learning rate of A (LoRA+)."""

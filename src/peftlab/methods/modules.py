@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import UserError, close_matches
 from ..spec import Option, Step
-from .attach import Slot, attach
+from .attach import Slot, attach, base_modules
 from .protocol import Added
 from .registry import PeftCodec, register
 from .targets import base_weight
@@ -90,19 +90,6 @@ def fresh_copy(host: nn.Module) -> nn.Module:
     return clone
 
 
-def base_modules(model) -> dict:
-    """{path: module} of the model's own modules: none that peftlab added (slots, added
-    modules and what they hold)."""
-    every = dict(model.named_modules())
-
-    def added(path, module):
-        parts = path.split(".")
-        return isinstance(module, (Slot, Added)) or any(
-            getattr(every.get(".".join(parts[:i])), "_peftlab_added", False) for i in range(1, len(parts)))
-
-    return {p: m for p, m in every.items() if not added(p, m)}
-
-
 def chosen(model, names) -> dict:
     """{path: module} for every module whose path ends with one of `names` (peft's rule)."""
     modules = {p: m for p, m in base_modules(model).items() if p}
@@ -154,7 +141,7 @@ def read_inside(config: dict, where):
 
 
 @register(
-    "modules", peft=PeftCodec(None, inside=inside, read_inside=read_inside),  # peft: only inside LoRA
+    "modules", examples=("modules:names=lm_head",), peft=PeftCodec(None, inside=inside, read_inside=read_inside, fields=frozenset({"modules_to_save"})),  # peft: only inside LoRA
     names=Option(DEFAULT, "list", help="modules to copy and train: names or paths (peft's suffix rule), joined with +"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..spec import Option, Step
 from .attach import apply, attach
 from .protocol import Added
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 from .targets import REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options, write_weight
 
 PEFT_VERSION = "0.21.2"  # the peft whose Cayley–Neumann form (changed in 0.18.0) this file matches
@@ -216,7 +216,10 @@ def from_peft(config: dict, where) -> Step:
 
 
 @register(
-    "oft", peft=PeftCodec("OFT", to_peft, from_peft),
+    "oft", examples=("oft:block_size=8",), exempt={"gpt2": "no form for GPT-2's Conv1D layers (peft's OFT has none)"},
+    peft=PeftCodec("OFT", to_peft, from_peft, fields=peft_fields(
+        "r oft_block_size module_dropout fan_in_fan_out bias exclude_modules init_weights layers_to_transform",
+        "layers_pattern modules_to_save coft eps block_share use_cayley_neumann num_cayley_neumann_terms target_modules")),
     r=Option(None, "int", help="blocks per layer (give r or block_size)", low=1),
     block_size=Option(None, "int", help="block size (default 32 when r is not given)", low=2),
     targets=Option(None, "list", help=TARGETS_HELP),

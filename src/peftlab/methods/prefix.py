@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option, Step, clip
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 from .attach import attach
 from .protocol import Added
 from .virtual import MARK, cache_key, call_inputs, check_room, check_tokens, compute_dtype, is_fresh, shift, the_active
@@ -150,7 +150,9 @@ def check_projection(model, projection: int, d_kv: int, layers: int) -> None:
 
 
 @register(
-    "prefix", peft=PeftCodec("PREFIX_TUNING", to_peft, from_peft), saved_as={"projection": 0},
+    "prefix", examples=("prefix:tokens=4", "prefix:tokens=4,projection=16"), peft=PeftCodec("PREFIX_TUNING", to_peft, from_peft, fields=peft_fields(
+        "num_virtual_tokens token_dim num_transformer_submodules num_attention_heads num_layers modules_to_save",
+        "encoder_hidden_size prefix_projection init_weights")), saved_as={"projection": 0},
     tokens=Option(20, "int", help="prefix length k", low=1),
     projection=Option(0, "int", help="hidden size of the reparametrisation MLP (0: none)", low=0),
     name=Option("default"),

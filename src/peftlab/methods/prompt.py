@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..spec import Option, Step
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 from .attach import attach
 from .protocol import Added
 from .virtual import MARK, cache_of, call_inputs, check_room, check_tokens, is_fresh, shift, the_active
@@ -69,7 +69,9 @@ def from_peft(config: dict, where) -> Step:
 
 
 @register(
-    "prompt", peft=PeftCodec("PROMPT_TUNING", to_peft, from_peft),
+    "prompt", examples=("prompt:tokens=4",), peft=PeftCodec("PROMPT_TUNING", to_peft, from_peft, fields=peft_fields(
+        "num_virtual_tokens token_dim num_transformer_submodules num_attention_heads num_layers modules_to_save",
+        "prompt_tuning_init prompt_tuning_init_text tokenizer_name_or_path tokenizer_kwargs")),
     tokens=Option(20, "int", help="number of virtual tokens k", low=1),
     init=Option("vocabulary", "choice", ("random", "vocabulary", "text")),
     text=Option("Write in the style of the training text.", help="init text for init=text"),

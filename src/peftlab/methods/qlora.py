@@ -49,7 +49,12 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
     return q.to(linear.weight.device)  # moving to a device is what quantizes
 
 
-@register("qlora", bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias")})
+@register("qlora", examples=("qlora:bits=4,r=4,targets=all-linear",),
+          exempt={"gpt2": "GPT-2's Conv1D layers have no bitsandbytes form (qlora refuses them)",
+                  "trains-its-own": "bitsandbytes repacks the frozen 4-bit weights for CPU on the first eval-mode forward "
+                                    "(another layout), so raw tensors differ; test_method_bitfit_schedule_qlora.py "
+                                    "checks that only LoRA's tensors train"},
+          bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias")})
 def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):

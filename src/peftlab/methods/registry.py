@@ -5,7 +5,7 @@ module of the `methods` package, so a new method is one new file: nothing lists 
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..spec import Option
 
@@ -26,6 +26,11 @@ class PeftCodec:
     read_inside(config, where) -> [Step]         the same, read back ([] or None: not in this config)
     tensor_name(host, suffix, alone) -> str      (default: base_model.model.<host>.<suffix>;
                                                   None: this tensor is not in this layout)
+    fields                                       the config keys peft's config class for this
+                                                  type has (beyond every PeftConfig's own), so
+                                                  a folder peft wrote reads without warnings
+    checks                                       {key: (predicate, "what it should be")} for
+                                                  keys whose type differs from hf.FIELDS'
     Tensors need no other code: each added module's `peft_keys` names them.
     """
 
@@ -36,6 +41,8 @@ class PeftCodec:
     inside: object = None
     read_inside: object = None
     tensor_name: object = None
+    fields: frozenset = frozenset()
+    checks: dict = field(default_factory=dict)
 
     def writer(self) -> "PeftCodec":
         return replace(self, read=None, read_inside=None)
@@ -53,13 +60,24 @@ class Method:
     doc: str
     peft: PeftCodec | None = None
     saved_as: dict | None = None  # options a saved adapter records instead (e.g. a folded prefix)
+    examples: tuple = ()  # strategies that exercise it, the plainest first (`peftlab methods` shows it)
+    exempt: dict = field(default_factory=dict)  # shared check or architecture -> why it does not apply
 
 
-def register(method_name: str, peft: PeftCodec | None = None, saved_as: dict | None = None, **options: Option):
-    """Decorator: register `fn(model, **options)` as strategy `method_name`."""
+# What a method may be exempted from (the shared checks in tests/test_methods_common.py), or
+# an architecture name: the method has no form there.
+CHECKS = ("trains-its-own", "round-trip", "generation", "checkpointing")
+
+
+def register(method_name: str, peft: PeftCodec | None = None, saved_as: dict | None = None, examples: tuple = (),
+             exempt: dict | None = None, **options: Option):
+    """Decorator: register `fn(model, **options)` as strategy `method_name`. `examples` are
+    strategies using it (default: the method with its defaults); `exempt` names the shared
+    checks (CHECKS) or architectures it opts out of, each with the reason."""
 
     def wrap(fn):
-        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0], peft, saved_as)
+        REGISTRY[method_name] = Method(method_name, fn, options, (fn.__doc__ or "").strip().splitlines()[0], peft, saved_as,
+                                       tuple(examples) or (method_name,), dict(exempt or {}))
         return fn
 
     return wrap
@@ -85,6 +103,16 @@ def peft_reader(peft_type: str):
         if m.peft is not None and m.peft.peft_type == peft_type and m.peft.read is not None:
             return m.peft
     return None
+
+
+def peft_fields(*names: str) -> frozenset:
+    """A codec's `fields` from space-separated lists of peft config keys."""
+    return frozenset(k for n in names for k in n.split())
+
+
+def known_fields() -> frozenset:
+    """Every config key some codec declares."""
+    return frozenset().union(*(m.peft.fields for m in discover().values() if m.peft is not None))
 
 
 def companions() -> list:

@@ -22,7 +22,7 @@ class Unfreeze(Training):
         self.unfreeze_at = plan  # step -> [parameter names]
 
 
-@register("schedule", **{c: Option(None, "int", help=f"step at which {c} starts training", low=0) for c in COMPONENTS})
+@register("schedule", examples=("schedule:mlp=0,attention=2",), **{c: Option(None, "int", help=f"step at which {c} starts training", low=0) for c in COMPONENTS})
 def schedule(model, **starts):
     """Unfreeze each component at its own step."""
     plan = {}

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..spec import Option, Step, user_regex
-from .attach import attach
-from .modules import base_modules
+from .attach import attach, base_modules
 from .protocol import Added
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 
 SUFFIX = "trainable_tokens_delta"
 TIED = "tied:"  # peft_tensors() key prefix of the copy saved under a tied output layer
@@ -213,8 +212,9 @@ def tensor_name(host: str, suffix: str, alone: bool) -> str:
 
 
 @register(
-    "tokens", peft=PeftCodec("TRAINABLE_TOKENS", to_peft, from_peft, inside=inside, read_inside=read_inside,
-                             tensor_name=tensor_name),
+    "tokens", examples=("tokens:ids=68+220+83", "lora:r=2/tokens:ids=68"), peft=PeftCodec("TRAINABLE_TOKENS", to_peft, from_peft, inside=inside, read_inside=read_inside,
+                             tensor_name=tensor_name,
+                             fields=peft_fields("token_indices target_modules init_weights trainable_token_indices")),
     ids=Option((), "list", help="token ids whose embedding rows train, joined with +"),
     layer=Option("embed", help="embed (the input embedding), or an embedding's name or path"),
     name=Option("default", help="adapter name"),

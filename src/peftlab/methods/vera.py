@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..spec import Option, Step, clip
 from .attach import attach
 from .protocol import Added
-from .registry import PeftCodec, register
+from .registry import PeftCodec, peft_fields, register
 from .targets import REGEX_HELP, TARGETS_HELP, dims, peft_targets, pick_targets, target_options
 
 
@@ -178,7 +178,9 @@ def tensor_name(host: str, suffix: str, alone: bool) -> str:
     return f"base_model.{suffix}" if suffix in ("vera_A", "vera_B") else f"base_model.model.{host}.{suffix}"
 
 
-@register("vera", peft=PeftCodec("VERA", to_peft, from_peft, tensor_name=tensor_name), **OPTIONS)
+@register("vera", examples=("vera:r=8",), peft=PeftCodec("VERA", to_peft, from_peft, tensor_name=tensor_name, fields=peft_fields(
+    "r target_modules projection_prng_key save_projection vera_dropout d_initial fan_in_fan_out bias modules_to_save",
+    "init_weights layers_to_transform layers_pattern")), **OPTIONS)
 def vera(model, **opts):
     """Shared frozen random projections, trainable per-layer scaling vectors λ_b, λ_d (VeRA)."""
     add_vera(model, **opts)
