@@ -89,3 +89,48 @@ def test_trl_sft_trainer_saves_adapters(tmp_path):
     ours = load_model("tiny-llama")
     artifacts.load(ours.model, tmp_path / "final")
     torch.testing.assert_close(logits(ours.model, ours), logits(loaded.model.eval(), loaded), atol=1e-5, rtol=0)
+
+
+def train_adalora(tmp_path, text_file, resume=None):
+    from transformers import Trainer
+
+    loaded = load_model("tiny-llama")
+    prepared = prepare(loaded.model, "adalora:r=4,target_r=2,tinit=1,tfinal=1")
+    trainer = adapter_trainer(Trainer)(model=loaded.model, args=args(tmp_path, max_steps=6), prepared=prepared,
+                                       train_dataset=rows(loaded, text_file), base_model="tiny-llama")
+    trainer.train(resume_from_checkpoint=resume)
+    return loaded, prepared
+
+
+def test_training_hooks_run_under_the_trainer_and_resume(tmp_path, text_file):
+    """AdaLoRA under a Trainer: its schedule spans the Trainer's max_steps, the budget ends at
+    target_r per layer, and a run resumed from checkpoint-4 (its scores and masks in
+    peftlab_training.*) ends with the uninterrupted run's weights and masks."""
+    import shutil
+
+    from peftlab.methods.attach import attached
+
+    loaded, prepared = train_adalora(tmp_path, text_file)
+    (budget,) = prepared.training
+    assert budget.total == 6
+    deltas = [slot["default"] for _, _, slot in attached(loaded.model, "adalora")]
+    assert sum(int(d.kept.sum()) for d in deltas) == 2 * len(deltas)
+    assert (tmp_path / "out" / "checkpoint-4" / "peftlab_training.json").is_file()
+    (tmp_path / "resume" / "out").mkdir(parents=True)
+    shutil.copytree(tmp_path / "out" / "checkpoint-4", tmp_path / "resume" / "out" / "checkpoint-4")
+    again, _ = train_adalora(tmp_path / "resume", text_file, resume=True)
+    redo = [slot["default"] for _, _, slot in attached(again.model, "adalora")]
+    for a, b in zip(deltas, redo):
+        assert torch.equal(a.kept, b.kept)
+        torch.testing.assert_close(b.E, a.E, atol=1e-6, rtol=0)
+
+
+def test_a_schedule_is_refused_under_the_trainer(tmp_path):
+    from transformers import Trainer
+
+    from peftlab.errors import UserError
+
+    loaded = load_model("tiny-llama")
+    prepared = prepare(loaded.model, "schedule:mlp=0,attention=2")
+    with pytest.raises(UserError, match="unfreezes parameters mid-run"):
+        adapter_trainer(Trainer)(model=loaded.model, args=args(tmp_path), prepared=prepared, train_dataset=[])

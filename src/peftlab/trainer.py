@@ -8,9 +8,12 @@
     trainer.train(resume_from_checkpoint=True)
     trainer.save_model("runs/sft/adapter")
 
-The trainer class is the caller's own, with two public methods changed. `create_optimizer`
+The trainer class is the caller's own, with public methods changed. `create_optimizer`
 splits the Trainer's parameter groups by the learning-rate multipliers a method asks for
-(LoRA+: B at ratio × lr), and `save_model`, which
+(LoRA+: B at ratio × lr); `compute_loss` adds a method's loss term (AdaLoRA's orthogonality)
+and a callback runs its hooks around the optimizer step (after the Trainer's clipping) and
+gives it the run's length; its state rides in every checkpoint (`peftlab_training.*`) and
+comes back with `train(resume_from_checkpoint=...)`. `save_model`, which
 the Trainer calls for every checkpoint and for the final save, writes a peftlab artifact
 (peft's format where peft can express the strategy) instead of the whole model, so nothing
 of the frozen base is saved. Each folder also holds `model.safetensors` with the trained
@@ -24,11 +27,14 @@ import os
 from pathlib import Path
 
 from . import artifacts, distributed, outputs
-from .artifacts.io import write_tensors
+from .artifacts.io import read_json, read_tensors, write_tensors
 from .artifacts.native import trained_tensors
+from .errors import UserError
+from .files import write_json
 from .methods import parameter_groups
 
 RESUME_FILE = "model.safetensors"  # the name Trainer looks for when it resumes
+TRAINING_STATE = "peftlab_training"  # .json + .safetensors: the strategy steps' training-time state
 
 
 def save_for_trainer(model, prepared, folder, base_model: str = "") -> Path:
@@ -42,8 +48,54 @@ def save_for_trainer(model, prepared, folder, base_model: str = "") -> Path:
             os.replace(f, folder / f.name)
         staging.rmdir()
         write_tensors(folder / RESUME_FILE, trained_tensors(model, prepared))
+        if prepared.training:
+            states = [t.state() for t in prepared.training]
+            tensors = {f"{i}.{k}": v.detach().cpu() for i, (_, own) in enumerate(states) for k, v in own.items()}
+            if tensors:
+                write_tensors(folder / f"{TRAINING_STATE}.safetensors", tensors)
+            write_json(folder / f"{TRAINING_STATE}.json", {"training": [meta for meta, _ in states]})
     distributed.barrier()
     return folder
+
+
+def restore_training(prepared, folder: Path) -> None:
+    """Put the training state saved in a Trainer checkpoint back (nothing when it holds none)."""
+    path = Path(folder) / f"{TRAINING_STATE}.json"
+    if not prepared.training or not path.is_file():
+        return
+    saved = read_json(path, required=("training",))["training"]
+    held = Path(folder) / f"{TRAINING_STATE}.safetensors"
+    tensors = read_tensors(held) if held.is_file() else {}
+    if len(saved) != len(prepared.training):
+        raise UserError(f"{path}: holds the training state of {len(saved)} strategy steps, this strategy has "
+                        f"{len(prepared.training)}; resume with the strategy that wrote it")
+    for i, t in enumerate(prepared.training):
+        t.restore(saved[i], {k[len(f"{i}."):]: v for k, v in tensors.items() if k.startswith(f"{i}.")})
+
+
+def _hooks(trainer):
+    """A TrainerCallback running the strategy steps' training hooks."""
+    from transformers import TrainerCallback
+
+    class Hooks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            for t in trainer.peftlab_prepared.training:
+                t.start(model, state.max_steps)
+            if trainer.peftlab_resume:
+                restore_training(trainer.peftlab_prepared, trainer.peftlab_resume)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            for t in trainer.peftlab_prepared.training:
+                t.after_backward(model, state.global_step + 1)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            for t in trainer.peftlab_prepared.training:
+                t.after_step(model, state.global_step + 1)
+
+    return Hooks()
 
 
 def adapter_trainer(base: type) -> type:
@@ -53,8 +105,34 @@ def adapter_trainer(base: type) -> type:
 
     class AdapterTrainer(base):
         def __init__(self, *args, prepared, base_model: str = "", **kwargs):
+            if prepared.unfreeze_at:
+                raise UserError("a strategy that unfreezes parameters mid-run (schedule) trains with `peftlab train` "
+                                "or peftlab.train, not under a Trainer, whose optimizer is built once")
             super().__init__(*args, **kwargs)
             self.peftlab_prepared, self.peftlab_base_model = prepared, base_model
+            self.peftlab_resume = None
+            if prepared.training:
+                self.add_callback(_hooks(self))
+
+        def train(self, resume_from_checkpoint=None, *args, **kwargs):
+            found = resume_from_checkpoint
+            if found is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                found = get_last_checkpoint(self.args.output_dir)
+            self.peftlab_resume = found or None
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from .train import method_loss
+
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            term = method_loss(self.peftlab_prepared, self.accelerator.unwrap_model(model)) if model.training else None
+            if term is None:
+                return result
+            if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
+                term = term / self.args.gradient_accumulation_steps  # the Trainer then sums micro-batches' losses
+            return (result[0] + term, result[1]) if return_outputs else result + term
 
         def create_optimizer(self, *args, **kwargs):
             opt = super().create_optimizer(*args, **kwargs)
