@@ -4,7 +4,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from peftlab.train import TrainConfig
+from peftlab.config import TrainConfig
 from peftlab.workbench import compare
 
 HERE = Path(__file__).resolve().parent

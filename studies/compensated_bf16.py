@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from peftlab import run, runtime
+from peftlab import memory, run
 from common import plot_eval_curves
 from peftlab.files import write_text
 from peftlab.methods import trainable_parameters
-from peftlab.train import TrainConfig
+from peftlab.config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "compensated_bf16"
@@ -54,7 +54,7 @@ def one(master: str) -> dict:
     records = run.fit(r, show=sys.stdout.isatty(), on_step=on_step)
     return {"master_weights": master, "curve": [(x["step"], x["eval_loss"]) for x in records if "eval_loss" in x],
             "seconds": time.perf_counter() - start, "bytes_per_weight": seen["bytes"],
-            "peak_mb": runtime.peak_memory(torch.device("cpu")) / 1e6,
+            "peak_mb": memory.peak_memory(torch.device("cpu")) / 1e6,
             "tokens_per_s": sorted(x["tokens_per_s"] for x in records if "tokens_per_s" in x)[STEPS // 2]}
 
 

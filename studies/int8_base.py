@@ -19,7 +19,8 @@ import torch
 from peftlab import data, run, runtime
 from common import plot_eval_curves
 from peftlab.files import write_text
-from peftlab.train import TrainConfig, held_out_loss
+from peftlab.config import TrainConfig
+from peftlab.loss import held_out_loss
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "int8_base"

@@ -10,7 +10,7 @@ from peftlab import TrainConfig, adapters, load_blocks, load_model, prepare, tra
 from peftlab.artifacts import kind, load, save
 from peftlab.merge import merge, merge_and_unload, unmerge
 from peftlab.methods import trainable_parameters
-from peftlab.runtime import enable_checkpointing
+from peftlab.memory import enable_checkpointing
 
 
 def logits(model, ids):
@@ -162,7 +162,7 @@ def chunked_loss_agrees(arch, spec):
     """The training loop's chunked loss (it multiplies by the head's weight without calling the
     head) equals the model's own loss, gradients included: what a method adds on the output
     layer reaches the loss through `head_weight`."""
-    from peftlab.train import batch_loss
+    from peftlab.loss import batch_loss
 
     results = []
     for chunked in (True, False):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from peftlab import data, models, runtime
+from peftlab import compiling, data, models
 from peftlab.errors import UserError
 from peftlab.methods import prepare, trainable_parameters
-from peftlab.train import TrainConfig, train
+from peftlab import TrainConfig, train
 
 
 def _run(spec, text_file, compile, dtype="fp32"):
@@ -34,9 +34,9 @@ def test_compiled_training_matches_eager(spec, text_file):
 
 
 def test_compile_without_a_compiler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
-        runtime.compile_blocks(models.load("tiny-llama").model)
+        compiling.compile_blocks(models.load("tiny-llama").model)
 
 
 def test_compiled_bf16_training_matches_eager(text_file):
@@ -77,14 +77,14 @@ def test_compile_is_automatic_for_runs_long_enough_to_pay(monkeypatch):
     model = models.load("tiny-llama").model
     cpu = torch.device("cpu")
     n = sum(p.numel() for p in model.parameters())
-    short, long = 1000, int(runtime.AUTO_COMPILE_FLOPS / (6 * n)) + 1
-    assert runtime.compile_plan(None, cpu, model, short) == (False, None)
-    on, why = runtime.compile_plan(None, cpu, model, long)
+    short, long = 1000, int(compiling.AUTO_COMPILE_FLOPS / (6 * n)) + 1
+    assert compiling.compile_plan(None, cpu, model, short) == (False, None)
+    on, why = compiling.compile_plan(None, cpu, model, long)
     assert on and "--no-compile" in why
-    assert runtime.compile_plan(False, cpu, model, long) == (False, None)
-    assert runtime.compile_plan(True, cpu, model, short) == (True, None)
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
-    on, why = runtime.compile_plan(None, cpu, model, long)
+    assert compiling.compile_plan(False, cpu, model, long) == (False, None)
+    assert compiling.compile_plan(True, cpu, model, short) == (True, None)
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    on, why = compiling.compile_plan(None, cpu, model, long)
     assert not on and "no C++ compiler" in why
 
 

@@ -6,14 +6,14 @@ import stat
 
 import torch
 
-from peftlab.train import TrainConfig
+from peftlab.config import TrainConfig
 from peftlab.workbench import compare
 
 
 def test_each_strategy_reports_its_own_peak_not_the_parents(tmp_path, text_file):
     bloat = torch.ones(400_000_000, dtype=torch.uint8)  # this (parent) process now holds 400 MB more
     bloat[::4096] = 2  # touch every page
-    from peftlab.runtime import peak_memory
+    from peftlab.memory import peak_memory
 
     parent = peak_memory(torch.device("cpu"))
     cfg = TrainConfig(steps=2, batch_size=2, seq_len=32)

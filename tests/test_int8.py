@@ -11,7 +11,7 @@ from peftlab import data, int8, models, params
 from peftlab.errors import UserError
 from peftlab.merge import merge, merge_and_unload
 from peftlab.methods import prepare, trainable_parameters
-from peftlab.train import TrainConfig, train
+from peftlab import TrainConfig, train
 
 from conftest import perturb, sample_ids
 

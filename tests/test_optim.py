@@ -7,7 +7,7 @@ import torch
 from peftlab import checkpoint, data, kernels, models, optim
 from peftlab.errors import UserError
 from peftlab.methods import prepare, trainable_parameters
-from peftlab.train import TrainConfig, train
+from peftlab import TrainConfig, train
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -64,17 +64,17 @@ def test_kernel_is_the_torch_step_bit_for_bit():
 
 
 def test_kernel_allocates_no_tensor_sized_temporaries():
-    from peftlab import runtime
+    from peftlab import memory
 
     if kernels.compiler() is None:
         pytest.skip("no C++ compiler here: the torch-ops step runs instead")
     n = 1 << 24  # 16M weights: one fp32 temporary would be 64 MB
     state = _state(n)
     kernels.compensated_adamw(*_state(8), 1, *SCALARS)  # built and loaded
-    runtime.reset_peak_memory(torch.device("cpu"))
-    before = runtime.peak_memory(torch.device("cpu"))
+    memory.reset_peak_memory(torch.device("cpu"))
+    before = memory.peak_memory(torch.device("cpu"))
     assert kernels.compensated_adamw(*state, optim.stream_key(1, 1), *SCALARS)
-    grew = runtime.peak_memory(torch.device("cpu")) - before
+    grew = memory.peak_memory(torch.device("cpu")) - before
     assert grew < 16e6, f"the update grew the process by {grew / 1e6:.0f} MB"
 
 

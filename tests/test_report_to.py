@@ -4,7 +4,7 @@ import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from peftlab.train import TrainConfig
+from peftlab.config import TrainConfig
 from peftlab.workbench import compare
 
 

@@ -11,7 +11,8 @@ from .data import load_blocks
 from .errors import UserError
 from .methods import parse_strategy, prepare, trainable_parameters
 from .models import load as load_model
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .train import train
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "prepare", "parse_strategy", "trainable_parameters", "load_blocks", "train",

@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .compat import attention_implementation
+
 NAME = "peftlab_sdpa"
 MAX_LEN = 2048  # the backward holds one (B, H, T, T) fp32 block per layer: 4·9·2048² floats = 600 MB
 
@@ -88,7 +90,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 def use(model) -> str | None:
     """Switch a model that runs sdpa to this attention; return the name to restore (None: unchanged)."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    if attention_implementation(model) != "sdpa":
         return None
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # same masks as sdpa: None for plain causal

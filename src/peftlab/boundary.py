@@ -13,15 +13,13 @@ A command tells the boundary what an interrupt keeps through `obj["kept"]`.
 import errno
 import sys
 
-try:  # typer ships its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
-
 from typer import Abort
 
+from .compat import click_exceptions
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, Stop, stop_on_signals
+
+click_errors = click_exceptions()
 
 
 # Refusals of the file system that are about the user's machine, not about peftlab: one line.

@@ -147,7 +147,7 @@ def _train(ctx, out_dir: Path, a: dict):
     from . import artifacts, checkpoint, distributed, report_to as report_to_mod, run as run_mod, runtime
     from .files import write_json
     from .tasks.evaluate import Scorer, summary as task_summary
-    from .train import TrainConfig, config_dict
+    from .config import TrainConfig
 
     resume = a["resume"]
     cfg = TrainConfig(steps=a["steps"], batch_size=a["batch_size"], seq_len=a["seq_len"], lr=a["lr"], seed=a["seed"],
@@ -164,9 +164,6 @@ def _train(ctx, out_dir: Path, a: dict):
     where = runtime.pick_device(cfg.device)
     scorer = Scorer(job.loaded, a["tasks"], cfg.seq_len, where, runtime.check_dtype(cfg.dtype, where))
     run_mod.prepare(job, a["strategy"])
-    from .params import count
-
-    trainable, total = count(job.model)["total"]
     run_file = out_dir / "run.json"
     try:
         previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
@@ -175,16 +172,10 @@ def _train(ctx, out_dir: Path, a: dict):
 
         warn(f"{run_file} is damaged ({e}); it is written anew (the checkpoints are what resumes)")
         previous = None
-    run = {"command": "train", "model": model, "data": data,
-           "data_options": {"text_column": a["text_column"], "system": a["system"]},
-           "strategy": job.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(cfg),
-           "tasks": {t.name: t.source for t in a["tasks"]},
-           "processes": distributed.world_size(), "versions": runtime.versions(),
-           "hardware": runtime.hardware(runtime.pick_device(a["device"])),
-           "data_tokens": job.blocks.n_tokens, "train_blocks": len(job.blocks.train_ids), "held_out_blocks": len(job.blocks.held_ids)}
     last = checkpoint.latest(out_dir) if resume else None
-    if previous:
-        run["resumed"] = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0]
+    resumed = previous.get("resumed", []) + [checkpoint.step_of(last) if last else 0] if previous else None
+    run = run_mod.describe(job, {"text_column": a["text_column"], "system": a["system"]},
+                           {t.name: t.source for t in a["tasks"]}, resumed)
     created = not out_dir.exists()
     # --overwrite: the old run moves aside in one rename and comes back if this one fails.
     aside = outputs.set_aside(out_dir) if main_process and a["overwrite"] and not resume else None
@@ -211,11 +202,8 @@ def _train(ctx, out_dir: Path, a: dict):
         return
     size = artifacts.size_on_disk(folder)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    run["result"] = {"seconds": time.perf_counter() - start, "first_eval_loss": evals[0] if evals else None,
-                     "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": size, "base_fp32_bytes": base_bytes,
-                     "skipped_steps": sum(1 for r in records if r.get("skipped"))}
-    if scorer:
-        run["result"]["tasks"] = task_summary(scorer, records)
+    run["result"] = run_mod.result(records, time.perf_counter() - start, size, base_bytes,
+                                   task_summary(scorer, records) if scorer else None)
     run["finished_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(run_file, run)
     if evals:
@@ -340,7 +328,7 @@ def compare(
     """Train several strategies from identical weights on identical batches; write report.html."""
     from . import data as data_mod, models, report_to as report_to_mod, run as run_mod, runtime, tasks as tasks_mod
     from .tasks.score import encode
-    from .train import TrainConfig
+    from .config import TrainConfig
     from .workbench import compare as run_compare
 
     o.positive(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, samples=samples,

@@ -1,7 +1,7 @@
 """A training run's settings, in one dataclass that imports nothing heavy (the command line
 reads its defaults before torch loads)."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -47,3 +47,7 @@ def check_master_weights(name: str, bf16: bool) -> None:
         raise UserError(f"--master-weights must be one of {', '.join(MASTER_WEIGHTS)}, got '{name}'")
     if name == "bf16-compensated" and not bf16:
         raise UserError("--master-weights bf16-compensated keeps trained weights in bf16: it needs --dtype bf16")
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

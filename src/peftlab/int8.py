@@ -28,6 +28,7 @@ which is what DoRA's norm, tracking and merging need.
 import torch
 import torch.nn as nn
 
+from .compat import int_mm
 from .errors import UserError
 
 KERNELS = ("int_mm", "float")
@@ -69,9 +70,9 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
     if kernel == "int_mm" and a.device.type == "cuda":
         # cuBLASLt's int8 GEMM wants M > 16, K and N multiples of 8, and b column-major
         if a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0:
-            return torch._int_mm(a, b if b.stride(0) == 1 else b.t().contiguous().t()).float()
+            return int_mm(a, b if b.stride(0) == 1 else b.t().contiguous().t()).float()
     elif kernel == "int_mm":
-        return torch._int_mm(a, b).float()
+        return int_mm(a, b).float()
     return a.float() @ b.float()
 
 

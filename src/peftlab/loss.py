@@ -11,7 +11,10 @@ reach the lm_head.
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from . import distributed, runtime
 
 IGNORE = -100
 
@@ -156,3 +159,48 @@ def head_weight(head):
             if weight is None:
                 return None
     return weight
+
+
+class LossModule(nn.Module):
+    """The model and its loss as one module, which is what DDP and FSDP wrap.
+
+    forward(ids (B, T), labels (B, T)) -> (summed loss, number of target positions)."""
+
+    def __init__(self, model, chunked: bool = True, fused: bool = False):
+        super().__init__()
+        self.model, self.chunked, self.fused = model, chunked, fused
+
+    def forward(self, ids, labels):
+        if self.chunked:
+            return causal_lm_loss_sum(self.model, ids, labels, fused=self.fused)
+        count = (labels[:, 1:] != IGNORE).sum()
+        return self.model(input_ids=ids, labels=labels).loss * count, count
+
+
+def batch_loss(model, ids, labels, chunked: bool = True, fused: bool = False) -> torch.Tensor:
+    """Mean next-token loss of one batch, chunked (loss.py) or through transformers' own head."""
+    total, count = LossModule(model, chunked, fused)(ids, labels)
+    return total / count.clamp_min(1)
+
+
+@torch.no_grad()
+def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True, fused: bool = False,
+                  forward=None) -> float:
+    """Mean token loss over all held-out blocks (each process takes its share of every batch)."""
+    forward = forward or LossModule(model, chunked, fused)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(blocks.held_ids), batch_size):
+        ids = torch.tensor_split(blocks.held_ids[i : i + batch_size], distributed.world_size())[distributed.rank()]
+        labels = torch.tensor_split(blocks.held_labels[i : i + batch_size], distributed.world_size())[distributed.rank()]
+        weight = 1.0
+        if len(ids) == 0:  # fewer rows than processes: every process must still run (FSDP gathers)
+            ids, labels, weight = blocks.held_ids[i : i + 1], blocks.held_labels[i : i + 1], 0.0
+        with runtime.autocast(device, dtype):
+            loss, n = forward(ids.to(device), labels.to(device))
+        total += float(loss) * weight
+        count += int(n) * weight
+    total, count = distributed.all_sum([total, count], device)
+    model.train(was_training)
+    return total / max(1.0, count)

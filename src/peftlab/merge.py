@@ -96,7 +96,7 @@ def merge_and_unload(model, dequantize: bool = False):
                 to_float(layer)
                 continue
             plain = _dequantized(layer)
-            for key, children in list(layer._modules.items()):
+            for key, children in list(layer.named_children()):
                 if children is slot:  # the added modules move along, to be merged into the plain layer
                     plain.add_module(key, children)
             parent, _, leaf = host_name.rpartition(".")

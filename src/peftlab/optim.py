@@ -163,3 +163,13 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 self.kernel(*flat, stream_key(int(state["seed"]), t), scalars)
         self.grad_scale = 1.0
         return None
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak, for optimizer step `step` (1-based)
+    of `steps`; `warmup` is a step count (≥ 1) or a fraction of the run."""
+    warm = int(warmup if warmup >= 1 else round(warmup * steps))
+    if step <= warm:
+        return step / max(1, warm)
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))

@@ -15,7 +15,8 @@ from . import artifacts, data, methods, models
 from .errors import UserError
 from .params import all_finite
 from .progress import phase
-from .train import TrainConfig, train
+from .config import TrainConfig
+from .train import train
 
 
 @dataclass
@@ -65,6 +66,31 @@ def fit(r: Run, out: Path | None = None, show: bool = True, **hooks) -> list:
     """Train; `hooks` go to train.train (resume, identity, on_step, on_record)."""
     r.records = train(r.loaded.model, r.blocks, r.prepared, r.cfg, out=out, show=show, **hooks)
     return r.records
+
+
+def describe(r: Run, data_options: dict, tasks: dict, resumed: list | None = None) -> dict:
+    """run.json as it is written before training: what ran, on what, with which settings and
+    software, on which machine (`resumed`: the checkpoint steps earlier attempts stopped at)."""
+    from . import distributed, runtime
+    from .config import config_dict
+    from .params import count
+
+    trainable, total = count(r.model)["total"]
+    described = {"command": "train", "model": r.model_name, "data": r.data_name, "data_options": data_options,
+                 "strategy": r.prepared.spec, "trainable": trainable, "total": total, "config": config_dict(r.cfg),
+                 "tasks": tasks, "processes": distributed.world_size(), "versions": runtime.versions(),
+                 "hardware": runtime.hardware(runtime.pick_device(r.cfg.device)), "data_tokens": r.blocks.n_tokens,
+                 "train_blocks": len(r.blocks.train_ids), "held_out_blocks": len(r.blocks.held_ids)}
+    return described | ({"resumed": resumed} if resumed else {})
+
+
+def result(records: list, seconds: float, adapter_bytes: int, base_bytes: int, tasks: dict | None = None) -> dict:
+    """run.json's "result", added when the run finished."""
+    evals = [x["eval_loss"] for x in records if "eval_loss" in x]
+    found = {"seconds": seconds, "first_eval_loss": evals[0] if evals else None,
+             "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": adapter_bytes, "base_fp32_bytes": base_bytes,
+             "skipped_steps": sum(1 for x in records if x.get("skipped"))}
+    return found | ({"tasks": tasks} if tasks else {})
 
 
 def save(r: Run, folder: Path, show: bool = True) -> Path:

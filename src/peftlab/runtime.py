@@ -1,9 +1,8 @@
-"""Facts about where a run happens: device, dtype handling, memory, versions, hardware."""
+"""Facts about where a run happens: device, dtype handling, versions, hardware (memory.py: peaks;
+compiling.py: torch.compile)."""
 
 import os
 import platform
-import resource
-import shutil
 import sys
 from importlib import metadata
 
@@ -80,46 +79,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: allocated on the GPU, or this process's own peak resident set on the CPU.
-
-    On Linux that is VmHWM, the high-water mark of this address space: it starts over when a
-    process execs, so a worker started by a large parent reports its own peak. (ru_maxrss
-    does not: Linux carries the parent's peak over fork and exec, so every worker of a
-    comparison would report at least the parent's size.)"""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the peak over from the current size (GPU allocator stats; on Linux, clear_refs
-    5 resets VmHWM to the current resident set)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for pkg in ("peftlab", "torch", "transformers", "safetensors", "peft"):
@@ -143,75 +102,3 @@ def hardware(device: torch.device) -> dict:
     return info
 
 
-def enable_checkpointing(model) -> None:
-    """Recompute each block's activations in backward (non-reentrant, so frozen inputs work)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # Some models (GPT-2) also withhold the KV cache from every block at the model level
-    # under checkpointing. Blocks already decide that themselves (prefix tuning's read-only
-    # cache may stay), so only the blocks keep the flag.
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for m in model.modules():
-        if not isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False):
-            m.gradient_checkpointing = False
-
-
-AUTO_COMPILE_FLOPS = 6e13  # ~1-2 min of compiling pays off for runs this long (≈ 70 steps of 4 × 256 on SmolLM2)
-
-
-def has_compiler(device: torch.device) -> bool:
-    """torch inductor builds C++ kernels on the CPU (and Triton ones on CUDA)."""
-    if device.type == "cuda":
-        return True
-    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
-
-
-def compile_plan(requested: bool | None, device: torch.device, model, tokens: int) -> tuple[bool, str | None]:
-    """Compile the blocks? `requested` True/False is the user's word (--compile / --no-compile);
-    None decides: yes when a compiler is present and the run's training work (≈ 6 FLOPs per
-    parameter per token over `tokens`) is large enough for the compile time to pay off.
-    Returns the choice and the line that says so (None when there is nothing to say)."""
-    if requested is not None:
-        return requested, None
-    work = 6 * sum(p.numel() for p in model.parameters()) * tokens
-    if work < AUTO_COMPILE_FLOPS:
-        return False, None
-    if not has_compiler(device):
-        return False, "note: a long run, but no C++ compiler to compile it with (install g++); running eager"
-    return True, (f"compiling the decoder blocks: this run is long enough for it to pay (~{work / 1e12:,.0f} TFLOP); "
-                  "the first step is slower; --no-compile to skip")
-
-
-def compile_blocks(model):
-    """torch.compile each decoder block in place (its hooks, so every method's modules, included).
-
-    Blocks are where the elementwise work is (norms, rotary, gated MLP, residual adds); fused,
-    it runs faster and keeps fewer intermediates for backward. Parameter names do not change.
-    Attention switches to attention.py's fused-backward version where it applies. Returns a
-    function that undoes both (generation after training should not recompile per cache length).
-    """
-    from . import attention
-    from .components import arch_of
-
-    device = next(model.parameters()).device
-    if not has_compiler(device):
-        raise UserError("--compile needs a C++ compiler on the CPU (torch inductor builds kernels); install g++ or drop --compile")
-    blocks = list(model.get_submodule(arch_of(model).layers))
-    # Graphs compiled earlier in this process (another model, other adapters) would be reused:
-    # dynamo does not guard on the hooks of modules inside a block, which is where added
-    # modules live. Start from an empty cache, so each run traces its own hooks.
-    torch._dynamo.reset()
-    for block in blocks:
-        block.compile()
-    previous = attention.use(model)
-
-    def undo():
-        attention.restore(model, previous)
-        for block in blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile set
-
-    return undo

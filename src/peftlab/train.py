@@ -9,6 +9,11 @@ A run survives: every `checkpoint_every` steps, and when SIGTERM/SIGINT arrives,
 training state is checkpointed (checkpoint.py) and `resume=True` continues from it exactly.
 A non-finite loss or gradient stops the run (or skips the step with `skip_nonfinite`).
 Under torchrun the same loop trains data-parallel (distributed.py).
+
+`train` is the loop; its phases are the functions below it, in the order it calls them:
+check_run → resume_point → ready_model → optimizer → Log → one_step (per step). The loss of
+a batch and of the held-out set is loss.py's, the learning-rate schedule optim.py's, and what
+a method does while training is its `Training` (methods/protocol.py).
 """
 
 import hashlib
@@ -16,77 +21,21 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from . import checkpoint, distributed, optim, runtime
+from . import checkpoint, compiling, distributed, memory, optim, runtime
 from .config import TrainConfig, check_base_precision, check_master_weights
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
-from .loss import IGNORE, causal_lm_loss_sum
+from .loss import LossModule, held_out_loss
 from .methods import parameter_groups, trainable_parameters
 from .progress import Progress
 
 
 class NonFinite(UserError):
     """A NaN/Inf loss or gradient: the settings or the data made training diverge."""
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak, for optimizer step `step` (1-based)."""
-    warm = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.steps))
-    if step <= warm:
-        return step / max(1, warm)
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-class LossModule(nn.Module):
-    """The model and its loss as one module, which is what DDP and FSDP wrap.
-
-    forward(ids (B, T), labels (B, T)) -> (summed loss, number of target positions)."""
-
-    def __init__(self, model, chunked: bool = True, fused: bool = False):
-        super().__init__()
-        self.model, self.chunked, self.fused = model, chunked, fused
-
-    def forward(self, ids, labels):
-        if self.chunked:
-            return causal_lm_loss_sum(self.model, ids, labels, fused=self.fused)
-        count = (labels[:, 1:] != IGNORE).sum()
-        return self.model(input_ids=ids, labels=labels).loss * count, count
-
-
-def batch_loss(model, ids, labels, chunked: bool = True, fused: bool = False) -> torch.Tensor:
-    """Mean next-token loss of one batch, chunked (loss.py) or through transformers' own head."""
-    total, count = LossModule(model, chunked, fused)(ids, labels)
-    return total / count.clamp_min(1)
-
-
-@torch.no_grad()
-def held_out_loss(model, blocks, device, dtype, batch_size: int, chunked: bool = True, fused: bool = False,
-                  forward=None) -> float:
-    """Mean token loss over all held-out blocks (each process takes its share of every batch)."""
-    forward = forward or LossModule(model, chunked, fused)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for i in range(0, len(blocks.held_ids), batch_size):
-        ids = torch.tensor_split(blocks.held_ids[i : i + batch_size], distributed.world_size())[distributed.rank()]
-        labels = torch.tensor_split(blocks.held_labels[i : i + batch_size], distributed.world_size())[distributed.rank()]
-        weight = 1.0
-        if len(ids) == 0:  # fewer rows than processes: every process must still run (FSDP gathers)
-            ids, labels, weight = blocks.held_ids[i : i + 1], blocks.held_labels[i : i + 1], 0.0
-        with runtime.autocast(device, dtype):
-            loss, n = forward(ids.to(device), labels.to(device))
-        total += float(loss) * weight
-        count += int(n) * weight
-    total, count = distributed.all_sum([total, count], device)
-    model.train(was_training)
-    return total / max(1.0, count)
 
 
 def run_identity(model, blocks, prepared, cfg: TrainConfig, extra: dict | None = None) -> dict:
@@ -113,61 +62,14 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     `on_eval(model) -> dict` adds numbers to every evaluation record (task accuracy), beside eval_loss.
     """
     out = Path(out) if out is not None else None
-    device = distributed.init(runtime.pick_device(cfg.device))
-    dtype = runtime.check_dtype(cfg.dtype, device)
-    note = runtime.bf16_note(dtype, device)
-    if note and show and distributed.is_main():
-        print(note, file=sys.stderr, flush=True)
-    distributed.check_batch(cfg.batch_size)
-    check_base_precision(cfg.base_precision)
-    check_master_weights(cfg.master_weights, dtype == torch.bfloat16)
-    if cfg.base_precision == "int8" and cfg.fsdp:
-        raise UserError("--base-precision int8 keeps the frozen base in buffers, which FSDP does not shard; use DDP (drop --fsdp)")
-    check_processes(prepared, cfg)
+    device, dtype = check_run(prepared, cfg, show)
     torch.manual_seed(cfg.seed)
     ident = run_identity(model, blocks, prepared, cfg, identity)
-    state, tensors = None, None
-    if resume:
-        if out is None:
-            raise UserError("resume needs the run's output folder (out)")
-        if distributed.is_main():
-            checkpoint.drop_partial(out)
-        found = checkpoint.latest(out)
-        if found:
-            state, tensors = checkpoint.read(found)
-            checkpoint.check_identity(state["identity"], ident, out)
-    elif out is not None and distributed.is_main():
-        checkpoint.clear(out)  # a fresh run: checkpoints of an earlier run in `out` must not be resumed later
+    state, tensors = resume_point(out, ident, resume)
     first = state["step"] + 1 if state else 1
-    model.to(device)
-    if cfg.base_precision == "int8":
-        from . import int8
-
-        int8.quantize_frozen(model, device)  # from the fp32 weights, before they are stored in `dtype`
-        note = int8.int8_note(device)
-        if note and show and distributed.is_main():
-            print(note, file=sys.stderr, flush=True)
-    for t in prepared.training:  # before a resume restores their state: that state is planned for this run
-        t.start(model, cfg.steps)
-    residuals = _residuals(model, cfg)
-    runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
-    if cfg.grad_checkpoint:
-        runtime.enable_checkpointing(model)
-    tokens = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
-    compiled, why = runtime.compile_plan(cfg.compile, device, model, tokens)
-    if why and show and distributed.is_main():
-        print(why, file=sys.stderr, flush=True)
-    uncompile = runtime.compile_blocks(model) if compiled else None
-    model.train()
-    loss_module = LossModule(model, cfg.chunked_loss, compiled)
-    from .components import arch_of
-
-    runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
-    params = list(trainable_parameters(model).values())
-    named = trainable_parameters(model)  # after wrapping: a sharded run's parameters are new objects
-    residuals = {named[n]: distributed.like(r, named[n]) for n, r in residuals.items() if n in named}
-    opt = adamw(parameter_groups(prepared, model, params), cfg, residuals) if params else None
-    del residuals
+    work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
+    runner, loss_module, residuals, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show)
+    opt = optimizer(model, prepared, cfg, residuals)
     later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
     if state:
         for at in sorted(later):
@@ -177,39 +79,20 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     eval_every = cfg.eval_every or math.ceil(cfg.steps / 5)  # at most five evaluations, also in short runs
     drawn = state["drawn"] if state else 0
     batches = blocks.batches(cfg.batch_size, cfg.seed, start=drawn)
-    records = list(state["records"]) if state else []
-    main = distributed.is_main()
-    log = None
-    if out and main:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / "metrics.jsonl", "w")
-        for r in records:  # a resumed run's file holds each step exactly once
-            log.write(json.dumps(r) + "\n")
-        log.flush()
-
-    def emit(record):
-        # JSON has no NaN or Infinity: a skipped step's non-finite numbers are written as null.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        records.append(record)
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if on_record and main:
-            on_record(record)
+    log = Log(out, list(state["records"]) if state else [], on_record)
 
     def evaluate() -> dict:
         found = {"eval_loss": held_out_loss(model, blocks, device, dtype, cfg.batch_size, forward=loss_module)}
         return found | (on_eval(model) if on_eval else {})
 
-    world = distributed.world_size()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
-    skipped = sum(1 for r in records if r.get("skipped"))
+    skipped = sum(1 for r in log.records if r.get("skipped"))
     step = first - 1
     try:
-        with StopSignals() as signals, Progress(cfg.steps, show=show and main, done=first - 1) as bar:
+        with StopSignals() as signals, Progress(cfg.steps, show=show and distributed.is_main(), done=first - 1) as bar:
             if eval_every > 0 and not state:
                 bar.phase("evaluating before training")
-                emit({"step": 0, **evaluate()})
+                log.emit({"step": 0, **evaluate()})
                 bar.phase(None)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -217,76 +100,28 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                 if step - 1 in later:
                     opt = _unfreeze(model, later[step - 1], opt, cfg)
                 start = time.perf_counter()
-                for group in opt.param_groups:  # a method may ask for its own multiplier (LoRA+)
-                    group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * lr_factor(step, cfg)
-                loss_sum, term_sum = 0.0, None if not prepared.training else 0.0
-                for _ in range(cfg.grad_accum):
-                    ids, labels = next(batches)
-                    drawn += 1
-                    ids, labels = distributed.shard_rows(ids).to(device), distributed.shard_rows(labels).to(device)
-                    with runtime.autocast(device, dtype):
-                        total, count = runner(ids, labels)
-                    if world > 1:  # weight by this process's share of the global batch's targets
-                        loss = total * world / distributed.all_sum_tensor(count).clamp_min(1) / cfg.grad_accum
-                        loss_sum += float(loss.detach()) / world
-                    else:
-                        loss = total / count.clamp_min(1) / cfg.grad_accum
-                        loss_sum += float(loss.detach())
-                    term = method_loss(prepared, model)  # a method's own term (AdaLoRA: orthogonality)
-                    if term is not None:
-                        loss = loss + term / cfg.grad_accum
-                        term_sum += float(term.detach()) / cfg.grad_accum
-                    loss.backward()
-                for t in prepared.training:
-                    t.after_backward(model, step)
-                trainable = [p for g in opt.param_groups for p in g["params"]]
-                with torch.profiler.record_function("peftlab.clip"):  # a named range for bench/profile.py
-                    norm = optim.clip_gradients(opt, trainable, cfg.clip if cfg.clip > 0 else float("inf"))
-                norm = float(norm.full_tensor() if distributed.is_sharded(norm) else norm)
-                # One collective: the global loss, and whether any process was asked to stop.
-                loss_sum, stop = distributed.all_sum([loss_sum, float(signals.signum or 0)], device)
-                finite = math.isfinite(loss_sum) and math.isfinite(norm)
-                if finite:
-                    opt.step()
-                    for t in prepared.training:
-                        t.after_step(model, step)
-                elif cfg.skip_nonfinite:
-                    skipped += 1
-                else:
-                    what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
-                    raise NonFinite(f"step {step}: the {what} is {loss_sum if what == 'loss' else norm}; training "
-                                    f"stopped and no adapter was written. Lower --lr, check the strategy's numbers "
-                                    f"and the data, or pass --skip-nonfinite to skip such steps")
-                opt.zero_grad(set_to_none=True)
+                record, stop = one_step(step, model, prepared, cfg, opt, runner, batches, device, dtype, signals.signum)
+                drawn += cfg.grad_accum
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - start
-                record = {
-                    "step": step,
-                    "loss": loss_sum,
-                    "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": norm,
-                    "step_time": dt,
-                    "tokens_per_s": tokens_per_step / dt,
-                    "peak_mem": runtime.peak_memory(device),
-                }
-                if term_sum:  # the task's loss stays "loss", comparable across strategies
-                    record["method_loss"] = term_sum
-                if not finite:
-                    record |= {"skipped": True, "skipped_total": skipped}
+                record |= {"step_time": dt, "tokens_per_s": tokens_per_step / dt, "peak_mem": memory.peak_memory(device)}
+                if record.get("skipped"):
+                    skipped += 1
+                    record["skipped_total"] = skipped
                 if eval_every > 0 and (step % eval_every == 0 or step == cfg.steps):
                     bar.phase("evaluating", step)
                     record |= evaluate()
                 if on_step:
                     on_step(step, record, opt)
-                emit(record)
+                log.emit(record)
                 bar.update(record)
                 stop = int(stop) and (signals.signum or _signal_of(stop))
                 periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
                 saved = None
                 if out and (periodic or stop):
                     bar.phase("checkpointing", step)
-                    saved = checkpoint.save(out, step, model, opt, drawn, records, ident, cfg.keep_checkpoints,
+                    saved = checkpoint.save(out, step, model, opt, drawn, log.records, ident, cfg.keep_checkpoints,
                                             prepared.training)
                 if stop:
                     raise Interrupted(stop, step, saved or (checkpoint.folder_of(out, step) if out else None))
@@ -296,15 +131,174 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
                             f"no adapter was written; continue with --resume") from None
         raise
     finally:
-        if log:
-            log.close()
+        log.close()
         if uncompile:
             uncompile()
     model.eval()
     if skipped and skipped >= cfg.steps:  # a run that learned nothing is not a success
         raise NonFinite(f"every one of the {cfg.steps} steps had a non-finite loss or gradient and was skipped; "
                         "nothing was learned and no adapter was written. Lower --lr, check the model's weights and the data")
-    return records
+    return log.records
+
+
+# ---- the phases, in the order train() runs them --------------------------------------------
+
+def check_run(prepared, cfg: TrainConfig, show: bool) -> tuple[torch.device, torch.dtype]:
+    """Every setting checked against the others and this machine, before anything changes;
+    returns the device (the process group started under torchrun) and the compute dtype."""
+    device = distributed.init(runtime.pick_device(cfg.device))
+    dtype = runtime.check_dtype(cfg.dtype, device)
+    say(runtime.bf16_note(dtype, device), show)
+    distributed.check_batch(cfg.batch_size)
+    check_base_precision(cfg.base_precision)
+    check_master_weights(cfg.master_weights, dtype == torch.bfloat16)
+    if cfg.base_precision == "int8" and cfg.fsdp:
+        raise UserError("--base-precision int8 keeps the frozen base in buffers, which FSDP does not shard; use DDP (drop --fsdp)")
+    check_processes(prepared, cfg)
+    return device, dtype
+
+
+def resume_point(out: Path | None, identity: dict, resume: bool) -> tuple[dict | None, dict | None]:
+    """(state.json, tensors) of the checkpoint to continue from, or (None, None) for a fresh
+    run, whose output folder loses any earlier run's checkpoints (they must not be resumed later)."""
+    if not resume:
+        if out is not None and distributed.is_main():
+            checkpoint.clear(out)
+        return None, None
+    if out is None:
+        raise UserError("resume needs the run's output folder (out)")
+    if distributed.is_main():
+        checkpoint.drop_partial(out)
+    found = checkpoint.latest(out)
+    if not found:
+        return None, None
+    state, tensors = checkpoint.read(found)
+    checkpoint.check_identity(state["identity"], identity, out)
+    return state, tensors
+
+
+def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool):
+    """Put the model where and how it trains: on the device, the frozen base in its precision
+    (int8, or `dtype`), activation recomputation, compiled blocks, wrapped for DDP/FSDP.
+    `work`: the tokens left to train (compiling pays only for long runs). Returns (runner,
+    loss module, fp32 rounding residuals by name for compensated masters, undo-compile or None)."""
+    model.to(device)
+    if cfg.base_precision == "int8":
+        from . import int8
+
+        int8.quantize_frozen(model, device)  # from the fp32 weights, before they are stored in `dtype`
+        say(int8.int8_note(device), show)
+    for t in prepared.training:  # before a resume restores their state: that state is planned for this run
+        t.start(model, cfg.steps)
+    residuals = _residuals(model, cfg)  # taken before the weights are stored in bf16
+    runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
+    if cfg.grad_checkpoint:
+        memory.enable_checkpointing(model)
+    compiled, why = compiling.compile_plan(cfg.compile, device, model, work)
+    say(why, show)
+    uncompile = compiling.compile_blocks(model) if compiled else None
+    model.train()
+    loss_module = LossModule(model, cfg.chunked_loss, compiled)
+    from .components import arch_of
+
+    runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
+    return runner, loss_module, residuals, uncompile
+
+
+def optimizer(model, prepared, cfg: TrainConfig, residuals: dict):
+    """AdamW over what trains now, one group per learning-rate multiplier (None: nothing trains
+    until a schedule unfreezes it)."""
+    named = trainable_parameters(model)  # after wrapping: a sharded run's parameters are new objects
+    if not named:
+        return None
+    residuals = {named[n]: distributed.like(r, named[n]) for n, r in residuals.items() if n in named}
+    return adamw(parameter_groups(prepared, model, list(named.values())), cfg, residuals)
+
+
+class Log:
+    """metrics.jsonl (rank 0 only): a resumed run's file holds each step exactly once; every
+    record also goes to `on_record` (a tracker). JSON has no NaN or Infinity: a skipped step's
+    non-finite numbers are written as null."""
+
+    def __init__(self, out: Path | None, records: list, on_record=None):
+        self.records, self.on_record = records, on_record if distributed.is_main() else None
+        self.file = None
+        if out and distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            self.file = open(out / "metrics.jsonl", "w")
+            for r in records:
+                self.file.write(json.dumps(r) + "\n")
+            self.file.flush()
+
+    def emit(self, record: dict) -> None:
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.records.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.on_record:
+            self.on_record(record)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def one_step(step: int, model, prepared, cfg: TrainConfig, opt, runner, batches, device, dtype, signum) -> tuple[dict, float]:
+    """Optimizer step `step`: its micro-batches forward and backward (plus the strategy's loss
+    term), the training hooks, clipping, the update (or a refusal of a non-finite one).
+    Returns (record, the summed stop flags of all processes: non-zero when one was signalled)."""
+    world = distributed.world_size()
+    for group in opt.param_groups:  # a method may ask for its own multiplier (LoRA+)
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * optim.lr_factor(step, cfg.steps, cfg.warmup)
+    loss_sum, term_sum = 0.0, 0.0
+    for _ in range(cfg.grad_accum):
+        ids, labels = next(batches)
+        ids, labels = distributed.shard_rows(ids).to(device), distributed.shard_rows(labels).to(device)
+        with runtime.autocast(device, dtype):
+            total, count = runner(ids, labels)
+        if world > 1:  # weight by this process's share of the global batch's targets
+            loss = total * world / distributed.all_sum_tensor(count).clamp_min(1) / cfg.grad_accum
+            loss_sum += float(loss.detach()) / world
+        else:
+            loss = total / count.clamp_min(1) / cfg.grad_accum
+            loss_sum += float(loss.detach())
+        term = prepared.loss(model)  # a method's own term (AdaLoRA: orthogonality)
+        if term is not None:
+            loss = loss + term / cfg.grad_accum
+            term_sum += float(term.detach()) / cfg.grad_accum
+        loss.backward()
+    for t in prepared.training:
+        t.after_backward(model, step)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    with torch.profiler.record_function("peftlab.clip"):  # a named range for bench/profile.py
+        norm = optim.clip_gradients(opt, trainable, cfg.clip if cfg.clip > 0 else float("inf"))
+    norm = float(norm.full_tensor() if distributed.is_sharded(norm) else norm)
+    # One collective: the global loss, and whether any process was asked to stop.
+    loss_sum, stop = distributed.all_sum([loss_sum, float(signum or 0)], device)
+    finite = math.isfinite(loss_sum) and math.isfinite(norm)
+    if finite:
+        opt.step()
+        for t in prepared.training:
+            t.after_step(model, step)
+    elif not cfg.skip_nonfinite:
+        what = "loss" if not math.isfinite(loss_sum) else "gradient norm"
+        raise NonFinite(f"step {step}: the {what} is {loss_sum if what == 'loss' else norm}; training "
+                        f"stopped and no adapter was written. Lower --lr, check the strategy's numbers "
+                        f"and the data, or pass --skip-nonfinite to skip such steps")
+    opt.zero_grad(set_to_none=True)
+    record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"], "grad_norm": norm}
+    if term_sum:  # the task's loss stays "loss", comparable across strategies
+        record["method_loss"] = term_sum
+    if not finite:
+        record["skipped"] = True
+    return record, stop
+
+
+def say(line: str | None, show: bool) -> None:
+    """A note on stderr from the main process (nothing when there is none to give)."""
+    if line and show and distributed.is_main():
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_processes(prepared, cfg: TrainConfig) -> None:
@@ -314,12 +308,6 @@ def check_processes(prepared, cfg: TrainConfig) -> None:
             raise UserError(f"{t.method} trains in one process only; drop --nproc / torchrun")
         if t.processes == "ddp" and cfg.fsdp:
             raise UserError(f"{t.method} needs whole tensors in every process; train it with DDP (drop --fsdp)")
-
-
-def method_loss(prepared, model) -> torch.Tensor | None:
-    """The sum of the loss terms the strategy's steps add, or None when none adds one."""
-    terms = [t for t in (tr.loss(model) for tr in prepared.training) if t is not None]
-    return sum(terms[1:], terms[0]) if terms else None
 
 
 def trained_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -364,7 +352,3 @@ def _unfreeze(model, names, opt, cfg):
         opt.residuals.update(residuals)
     opt.add_param_group({"params": new, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     return opt
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -124,10 +124,8 @@ def adapter_trainer(base: type) -> type:
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from .train import method_loss
-
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            term = method_loss(self.peftlab_prepared, self.accelerator.unwrap_model(model)) if model.training else None
+            term = self.peftlab_prepared.loss(self.accelerator.unwrap_model(model)) if model.training else None
             if term is None:
                 return result
             if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):

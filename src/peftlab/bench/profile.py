@@ -52,7 +52,7 @@ def bucket(event) -> str:
 def profile(config: str, precision: str, mode: str, steps: int = 3, warmup: int = 3, batch_size: int = 4,
             seq_len: int = 256, model: str = "smollm2-135m", data: str = "moby-dick") -> dict:
     from .. import run
-    from ..train import TrainConfig
+    from ..config import TrainConfig
     from .configs import CONFIGS
 
     torch.manual_seed(0)

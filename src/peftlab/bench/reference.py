@@ -44,7 +44,7 @@ def train_steps(model, batches, steps: int, mode: str, cfg) -> list[float]:
     follows (so both reach comparable held-out losses); the wall time of every step."""
     import time
 
-    from ..train import lr_factor
+    from ..optim import lr_factor
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,7 +52,7 @@ def train_steps(model, batches, steps: int, mode: str, cfg) -> list[float]:
     times = []
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
+            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup)
         ids, labels = next(batches)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("autocast")):

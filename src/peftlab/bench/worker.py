@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from .. import run, runtime
-from ..train import TrainConfig
+from .. import memory, run
+from ..config import TrainConfig
 from . import ceiling, reference
 from .configs import CONFIGS
 
@@ -39,7 +39,7 @@ def measure(job: dict) -> dict:
     times = times[job["warmup"]:]
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
-    peak = runtime.peak_memory(torch.device("cpu"))  # training's peak, before the evaluation below
+    peak = memory.peak_memory(torch.device("cpu"))  # training's peak, before the evaluation below
     return {
         "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": peak,
         "eval_loss": held_out(model, r.blocks, job["precision"] == "bf16"),

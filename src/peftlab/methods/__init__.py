@@ -41,6 +41,11 @@ class Prepared:
                 plan.setdefault(at, []).extend(names)
         return plan
 
+    def loss(self, model: nn.Module):
+        """The sum of the loss terms the steps add (a tensor), or None when none adds one."""
+        terms = [t for t in (tr.loss(model) for tr in self.training) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
     def lr_scales(self, model: nn.Module) -> dict:
         """parameter name -> learning-rate multiplier (1 where no step asks for another)."""
         return {n: s for t in self.training for n, s in t.lr_scales(model).items()}

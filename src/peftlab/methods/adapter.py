@@ -43,7 +43,7 @@ class Bottleneck(Added):
 def adapter_hook(sublayer, args, output):
     """Apply the adapters to a sublayer's output (attention returns a tuple; its first item is h)."""
     h = output[0] if isinstance(output, tuple) else output
-    h = apply(sublayer._modules[Bottleneck.slot], h, lambda bottleneck, rows, hh: bottleneck(hh))
+    h = apply(getattr(sublayer, Bottleneck.slot), h, lambda bottleneck, rows, hh: bottleneck(hh))
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 

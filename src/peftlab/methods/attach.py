@@ -53,26 +53,26 @@ def attach(host: nn.Module, name: str, child: nn.Module, hook=None, pre: bool = 
             handles[slot] = host.register_forward_pre_hook(hook, with_kwargs=True)
         else:
             handles[slot] = host.register_forward_hook(hook or partial(output_hook, slot))
-    host._modules[slot][name] = child
+    getattr(host, slot)[name] = child
 
 
 def attached(model: nn.Module, slot: str | None = None):
     """Yield (host_name, host, Slot) for every host carrying `slot` (None: any slot)."""
     for host_name, host in model.named_modules():
-        for key, children in list(host._modules.items()):
+        for key, children in list(host.named_children()):
             if isinstance(children, Slot) and slot in (None, key):
                 yield host_name, host, children
 
 
 def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
     """Remove one named child (or the whole slot and its hook when it empties)."""
-    children = host._modules.get(slot)
+    children = dict(host.named_children()).get(slot)
     if children is None:
         return
     if name is not None and name in children:
         del children[name]
     if name is None or len(children) == 0:
-        del host._modules[slot]
+        delattr(host, slot)
         handle = host.__dict__.get("_peftlab_hooks", {}).pop(slot, None)
         if handle is not None:
             handle.remove()
@@ -108,7 +108,7 @@ def apply(children: Slot, out: torch.Tensor, run) -> torch.Tensor:
 def output_hook(slot: str, layer, args, output):
     """The hook of methods that change a layer's output: y ← child(x, y, layer) per active child."""
     x = args[0]  # (..., in)
-    return apply(layer._modules[slot], output, lambda c, rows, out: c(x if rows is None else x[rows], out, layer))
+    return apply(getattr(layer, slot), output, lambda c, rows, out: c(x if rows is None else x[rows], out, layer))
 
 
 def route(model: nn.Module, rows) -> list:

@@ -104,7 +104,7 @@ class IA3Input(IA3):
 def input_hook(layer, args, kwargs):
     """Forward pre-hook of feedforward targets: scale the input (per row when routed)."""
     # linear layers take their input positionally: args = (x,)
-    x = apply(layer._modules[IA3Input.slot], args[0], lambda child, rows, xx: child(xx))
+    x = apply(getattr(layer, IA3Input.slot), args[0], lambda child, rows, xx: child(xx))
     return (x, *args[1:]), kwargs
 
 

@@ -25,6 +25,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..compat import drop_forward_hooks
 from ..errors import UserError, close_matches
 from ..spec import Option, Step
 from .attach import Slot, attach, base_modules
@@ -80,13 +81,12 @@ class ModuleCopy(Added):
 
 def fresh_copy(host: nn.Module) -> nn.Module:
     """A deep copy of `host` without the adapters and hooks peftlab attached to it."""
-    slots = [k for k, v in host._modules.items() if isinstance(v, Slot)]
-    clone = copy.deepcopy(host, {id(host._modules[k]): None for k in slots})  # slots are not copied
+    slots = {k: v for k, v in host.named_children() if isinstance(v, Slot)}
+    clone = copy.deepcopy(host, {id(v): None for v in slots.values()})  # slots are not copied
     for k in slots:
-        del clone._modules[k]
+        delattr(clone, k)
     clone.__dict__.pop("_peftlab_hooks", None)
-    for hooks in (clone._forward_hooks, clone._forward_pre_hooks):
-        hooks.clear()
+    drop_forward_hooks(clone)
     return clone
 
 

@@ -135,7 +135,7 @@ class OftRotation(Added):
 
 def oft_hook(host, args, kwargs):
     """Rotate the host's input by every active OFT rotation (per row when routed)."""
-    x = apply(host._modules[OftRotation.slot], args[0], lambda child, rows, x: child(x))
+    x = apply(getattr(host, OftRotation.slot), args[0], lambda child, rows, x: child(x))
     return (x, *args[1:]), kwargs
 
 

@@ -12,6 +12,7 @@ from functools import cache
 import torch
 import torch.nn as nn
 
+from ..compat import keep_cache_under_checkpointing
 from ..components import blocks, num_layers
 from ..errors import UserError
 from ..spec import Option, Step, clip
@@ -174,4 +175,4 @@ def prefix(model, tokens, projection, name, seed):
     for block in blocks(model):
         # transformers drops the cache of a checkpointed block unless the block declares it
         # only reads it (GradientCheckpointingLayer's documented opt-in); ours is read-only.
-        block._can_checkpoint_with_cache = True
+        keep_cache_under_checkpointing(block)

@@ -44,7 +44,7 @@ def check_room(model, method: str, k: int, length: int) -> None:
 
 def the_active(model, slot: str):
     """The one active virtual-token module in `model.<slot>`, or None."""
-    children = model._modules[slot]
+    children = getattr(model, slot)
     if children.rows is not None and children:
         raise UserError(f"per-row adapter routing covers LoRA and bottleneck adapters, not {slot} tuning")
     live = active(children)

@@ -23,7 +23,7 @@ from ..outputs import lock
 from ..methods import parse_strategy
 from ..report_to import replay
 from ..spec import split_lr
-from ..train import TrainConfig
+from ..config import TrainConfig
 
 FORGET = {"moby-dick": "alice", "alice": "moby-dick"}
 

@@ -25,7 +25,8 @@ from ..progress import phase
 from ..report_to import Tracker
 from ..tasks import load_all
 from ..tasks.evaluate import Scorer, summary as task_summary
-from ..train import TrainConfig, held_out_loss
+from ..config import TrainConfig
+from ..loss import held_out_loss
 from .style import greedy_text, style_share, top_tokens
 from .tracking import WeightTracker
 

@@ -1,0 +1,64 @@
+"""Memory: the peak a run reached (GPU allocator, or this process's resident high-water mark),
+and activation recomputation, which trades compute for it."""
+
+import resource
+import sys
+
+import torch
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: allocated on the GPU, or this process's own peak resident set on the CPU.
+
+    On Linux that is VmHWM, the high-water mark of this address space: it starts over when a
+    process execs, so a worker started by a large parent reports its own peak. (ru_maxrss
+    does not: Linux carries the parent's peak over fork and exec, so every worker of a
+    comparison would report at least the parent's size.)"""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over from the current size (GPU allocator stats; on Linux, clear_refs
+    5 resets VmHWM to the current resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each block's activations in backward (non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Some models (GPT-2) also withhold the KV cache from every block at the model level
+    # under checkpointing. Blocks already decide that themselves (prefix tuning's read-only
+    # cache may stay), so only the blocks keep the flag.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if not isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False):
+            m.gradient_checkpointing = False
