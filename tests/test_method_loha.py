@@ -124,7 +124,6 @@ def test_errors(spec, says):
 @pytest.mark.parametrize("key, value, says", [
     ("rank_dropout", 0.1, "rank_dropout=0.1 is not supported by peftlab \\(only 0\\)"),
     ("module_dropout", 0.2, "module_dropout=0.2 is not supported"),
-    ("exclude_modules", ["q_proj"], "exclude_modules=\\['q_proj'\\] is not supported"),
 ])
 def test_peft_options_we_cannot_honour_are_refused(tmp_path, key, value, says):
     loaded = load_model("tiny-llama")

@@ -152,3 +152,33 @@ def test_lora_bias_merges_into_the_layer_bias():
 def test_bad_patterns_are_one_line(spec, says):
     with pytest.raises(UserError, match=says):
         prepare(load_model("tiny-llama").model, spec)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("excluded", [["model.layers.0.self_attn.v_proj", "o_proj"], r".*\.1\.self_attn\.q_proj"])
+def test_exclude_modules_as_peft_reads_it(arch, excluded, tmp_path):
+    """peft's exclude_modules (a list: paths or their endings; a string: a regex matched in
+    full) and ours (`exclude`, what peft folders carrying it load as): the same layers, logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.artifacts import load
+
+    theirs = get_peft_model(load_model(arch).model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                                               exclude_modules=excluded))
+    perturb(theirs, 0.1)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours = load_model(arch)
+    load(ours.model, tmp_path / "theirs")
+    hosts = {h for h, _, _ in attached(ours.model, "lora")}
+    wanted = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0] for n, _ in theirs.named_parameters() if "lora_A" in n}
+    assert hosts == wanted and len(hosts) > 0
+    ids = sample_ids(ours)
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_exclude_removes_layers_and_refuses_to_remove_all():
+    model = load_model("tiny-llama").model
+    prepare(model, "lora:r=2,targets=all-linear,exclude=mlp")
+    assert all("mlp" not in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(UserError, match="exclude=proj removes every chosen layer"):
+        prepare(load_model("tiny-llama").model, "lora:r=2,exclude=proj")

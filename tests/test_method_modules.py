@@ -95,6 +95,76 @@ def test_tied_copy_is_its_own_and_refuses_to_merge():
         merge_and_unload(loaded.model)
 
 
+TIED = ["tiny-gemma3", "tiny-gpt2", "tiny-gptneo"]
+
+
+@pytest.mark.parametrize("arch", TIED)
+def test_tie_shares_one_trained_copy_between_tied_modules(arch, text_file):
+    """tie=true (peft's ensure_weight_tying): lm_head's copy and the embedding's are one tensor,
+    trained once and counted once; the tied base weight itself stays frozen."""
+    from peftlab import TrainConfig, load_blocks, train
+
+    loaded = load_model(arch, seed=0)
+    model = loaded.model
+    base = model.get_input_embeddings().weight.detach().clone()
+    prepared = prepare(model, "modules:names=lm_head,tie=true")
+    assert n_trainable(model) == base.numel()
+    copies = {p: m for p, m in model.named_modules() if type(m).__name__ == "ModuleCopy"}
+    weights = {id(m.module.weight) for m in copies.values()}
+    assert len(copies) == 2 and len(weights) == 1
+    train(model, load_blocks(loaded, str(text_file), 32), prepared, TrainConfig(steps=3, lr=1e-2, batch_size=2), show=False)
+    trained = next(iter(copies.values())).module.weight
+    assert not torch.equal(trained, base)  # it learned
+    assert torch.equal(model.get_input_embeddings().weight, base)  # the base stays
+
+
+@pytest.mark.parametrize("arch", ["tiny-gemma3", "tiny-gptneo"])
+def test_tie_same_as_peft_ensure_weight_tying(arch, tmp_path):
+    """peft's LoraConfig(modules_to_save=[lm_head], ensure_weight_tying=True) and ours: the same
+    tensors, equal logits both ways."""
+    from peft import LoraConfig
+
+    targets = ["q_proj"] if arch == "tiny-gemma3" else ["q_proj", "v_proj"]
+    mc.peft_agrees(arch, f"lora:r=2,targets={'+'.join(targets)}/modules:names=lm_head,tie=true",
+                   LoraConfig(r=2, lora_alpha=4, target_modules=targets, modules_to_save=["lm_head"], ensure_weight_tying=True),
+                   tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gemma3", "tiny-gpt2"])
+def test_tie_survives_save_load_and_merge(arch, tmp_path):
+    """The trained output layer survives saving (both formats), loading and merging: the merged
+    model's embedding and lm_head are the one trained matrix, logits as the adapter's; unmerge
+    gives the base back."""
+    from peftlab.artifacts import load, save
+    from peftlab.merge import unmerge
+
+    for spec in ("modules:names=lm_head,tie=true", "lora:r=2/modules:names=lm_head,tie=true"):
+        if arch == "tiny-gpt2" and spec.startswith("lora"):
+            spec = "lora:r=2,targets=c_attn/modules:names=lm_head,tie=true"
+        loaded = load_model(arch)
+        base = loaded.model.get_input_embeddings().weight.detach().clone()
+        prepared = prepare(loaded.model, spec)
+        perturb(loaded.model, 0.1)
+        ids = sample_ids(loaded)
+        want = loaded.model(input_ids=ids).logits
+        fresh = load_model(arch)
+        load(fresh.model, save(loaded.model, prepared, tmp_path / spec.replace("/", "_").replace(":", "_")))
+        torch.testing.assert_close(fresh.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        merge(fresh.model)
+        torch.testing.assert_close(fresh.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        emb, head = fresh.model.get_input_embeddings().weight, fresh.model.get_output_embeddings().weight
+        assert emb is head and not torch.equal(emb, base)
+        unmerge(fresh.model)
+        torch.testing.assert_close(fresh.model.get_input_embeddings().weight, base, atol=0, rtol=0)
+        plain = merge_and_unload(fresh.model)
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_tie_on_an_untied_model_is_refused():
+    with pytest.raises(UserError, match="tie=true, but lm_head's weight is tied to no other module"):
+        prepare(load_model("tiny-llama").model, "modules:names=lm_head,tie=true")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_named_and_routed(arch):
     mc.named_and_routed(arch, "modules:names=lm_head")
@@ -126,8 +196,8 @@ def test_errors(spec, says):
         prepare(load_model("tiny-llama").model, spec)
 
 
-def test_peft_configs_it_cannot_read():
+def test_peft_ensure_weight_tying_reads_as_tie():
     from peftlab.artifacts.hf import steps_of
 
-    with pytest.raises(UserError, match="ensure_weight_tying"):
-        steps_of({"peft_type": "LORA", "r": 4, "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}, "x")
+    steps = steps_of({"peft_type": "LORA", "r": 4, "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}, "x")
+    assert steps[1].method == "modules" and steps[1].options == {"names": ("embed_tokens",), "tie": True}

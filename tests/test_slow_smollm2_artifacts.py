@@ -40,3 +40,33 @@ def test_train_save_peft_load_merge_plain_transformers(cli, tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), want, atol=1e-4, rtol=0)
+
+
+def test_tied_smollm2_keeps_its_trained_output_layer_through_save_load_and_merge(cli, tmp_path):
+    """SmolLM2 ties lm_head to the input embedding. With tie=true the one trained matrix is saved
+    (peft's ensure_weight_tying layout), loads in peft and here with the trained logits, and
+    `peftlab merge` writes a plain model whose tied embedding is the trained one."""
+    need_assets("smollm2-135m", "moby-dick")
+    from peft import PeftModel
+
+    from peftlab import artifacts, load_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    code, out, err = cli("train", "-m", "smollm2-135m", "-d", "moby-dick", "-s", "lora:r=4/modules:names=lm_head,tie=true",
+                         "--steps", 3, "--seq-len", 32, "--batch-size", 2, "--lr", 1e-3, "-o", run, "--quiet")
+    assert code == 0, err
+    loaded = load_model("smollm2-135m")
+    ids = torch.tensor([loaded.encode("Call me Ishmael. Some years ago")])
+    base_head = loaded.model.get_output_embeddings().weight.detach().clone()
+    ours = load_model("smollm2-135m")
+    artifacts.load(ours.model, run / "adapter")
+    want = ours.model(input_ids=ids).logits
+    theirs = PeftModel.from_pretrained(loaded.model, str(run / "adapter"))
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+    code, out, err = cli("merge", "-m", "smollm2-135m", "-a", run / "adapter", "-o", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert not torch.equal(merged.get_output_embeddings().weight, base_head)  # the trained head survived
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=0)

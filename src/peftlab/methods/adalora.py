@@ -33,7 +33,7 @@ from .attach import attach
 from .lowrank import LORA_FIELDS, pattern_value, read_patterns
 from .protocol import Added, Training
 from .registry import PeftCodec, register, resolved
-from .targets import REGEX_HELP, TARGETS_HELP, dims, peft_targets, pick_targets, target_options
+from .targets import EXCLUDE_HELP, REGEX_HELP, TARGETS_HELP, dims, peft_targets, pick_targets, target_options
 
 EPS = 1e-5  # peft adds it to the rank in the scale's denominator
 
@@ -203,6 +203,7 @@ OPTIONS = dict(
     dropout=Option(0.0, "float", low=0, high=0.99),
     targets=Option(None, "list", help=TARGETS_HELP),
     target_regex=Option(None, "regex", help=REGEX_HELP),
+    exclude=Option(None, "regex", help=EXCLUDE_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     tinit=Option(0, "int", help="steps before the budget starts to fall", low=0),
     tfinal=Option(0, "int", help="last steps, with the rank pattern fixed", low=0),
@@ -231,7 +232,7 @@ def to_peft(model, step: Step, hosts: dict) -> dict:
 
 
 def from_peft(config: dict, where) -> Step:
-    for key, default in (("bias", "none"), ("use_dora", False), ("exclude_modules", None), ("target_parameters", None)):
+    for key, default in (("bias", "none"), ("use_dora", False), ("target_parameters", None)):
         if config.get(key, default) not in (default, None, {}, False, "none", []):
             raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab's adalora")
     r0 = config.get("init_r", 12)
@@ -258,15 +259,15 @@ CHECKS = {"rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
 
 
 @register("adalora", examples=("adalora:r=4,target_r=2",), peft=PeftCodec("ADALORA", to_peft, from_peft, fields=FIELDS, checks=CHECKS), **OPTIONS)
-def adalora(model, r, target_r, alpha, dropout, targets, target_regex, layers, tinit, tfinal, delta_t, beta1, beta2,
-            orth, rank_pattern, name, seed):
+def adalora(model, r, target_r, alpha, dropout, targets, target_regex, exclude, layers, tinit, tfinal, delta_t, beta1,
+            beta2, orth, rank_pattern, name, seed):
     """SVD-form LoRA whose rank budget moves to the layers that need it while training (AdaLoRA)."""
     if target_r > r:
         raise UserError(f"adalora: target_r={target_r} is above r={r}; the budget only falls (target_r ≤ r)")
     ranks = read_patterns(rank_pattern, "adalora: rank_pattern", "int", 0)
     gen = torch.Generator().manual_seed(seed)
     deltas = {}
-    for path, layer in pick_targets(model, targets, target_regex, layers, "adalora").items():
+    for path, layer in pick_targets(model, targets, target_regex, layers, "adalora", exclude).items():
         d_in, d_out = dims(layer)
         rr = pattern_value(ranks, path, r, int)
         if rr > r:

@@ -62,9 +62,9 @@ class LohaDelta(Added):
                                   lambda config, where: Step("loha", read_lycoris(config, where)), accepts=linear_only,
                                   fields=LYCORIS_FIELDS),
           **LYCORIS_OPTIONS)
-def loha(model, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, name, seed):
+def loha(model, r, alpha, targets, target_regex, exclude, layers, rank_pattern, alpha_pattern, name, seed):
     """Low-rank Hadamard update (W1a W1b) ⊙ (W2a W2b)·α/r on chosen linear layers (LoHa)."""
-    plan = lycoris_plan(model, "loha", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern)
+    plan = lycoris_plan(model, "loha", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, exclude)
     # Each Hadamard factor W1a W1b, W2a W2b has rank ≤ min(in, out) whatever r is: a larger r
     # only adds parameters (r = 10⁶ would allocate gigabytes); refused before allocating.
     check_ranks("loha", [(path, layer, rr, rr != r) for path, layer, rr, _ in plan], r)

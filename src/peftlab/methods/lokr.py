@@ -111,12 +111,12 @@ def from_peft(config: dict, where) -> Step:
           decompose_both=Option(False, "bool", help="also factor W1 low rank when r < max(a, c)/2"),
           decompose_factor=Option(-1, "int", help="Kronecker factor size (-1: near √dim)", low=-1),
           init=Option("peft", "choice", ("peft", "lycoris"), help="which factor starts at zero: W1 (peft) or W2"))
-def lokr(model, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, name, seed,
+def lokr(model, r, alpha, targets, target_regex, exclude, layers, rank_pattern, alpha_pattern, name, seed,
          decompose_both, decompose_factor, init):
     """Kronecker update (W1 ⊗ W2)·α/r, W2 (and W1) low rank, on chosen linear layers (LoKr)."""
     # r only sizes the low-rank halves of a factor, used when r < max(b, d)/2 (else the factor is
     # whole): no r allocates more than the whole factors, so r has no upper limit here.
-    plan = lycoris_plan(model, "lokr", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern)
+    plan = lycoris_plan(model, "lokr", r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, exclude)
     gen = torch.Generator().manual_seed(seed)
     for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)

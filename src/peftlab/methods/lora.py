@@ -20,7 +20,7 @@ from .attach import attach
 from .lowrank import LORA_FIELDS, check_ranks, pattern_value, read_patterns
 from .protocol import Added
 from .registry import PeftCodec, register
-from .targets import (REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options,
+from .targets import (EXCLUDE_HELP, REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options,
                       write_weight)
 
 
@@ -129,12 +129,13 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
         delta.magnitude = nn.Parameter(delta.row_norm(layer))
 
 
-def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), alpha_pattern=(), alpha=None) -> list:
+def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), alpha_pattern=(), alpha=None,
+              exclude=None) -> list:
     """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
     alpha = 2 * r if alpha is None else alpha
     ranks = read_patterns(rank_pattern, f"{method}: rank_pattern", "int")
     alphas = read_patterns(alpha_pattern, f"{method}: alpha_pattern", "float", 0)
-    chosen = pick_targets(model, targets, target_regex, layers, method)
+    chosen = pick_targets(model, targets, target_regex, layers, method, exclude)
     plan = [(path, layer, pattern_value(ranks, path, None), pattern_value(alphas, path, alpha)) for path, layer in chosen.items()]
     for path, _, rr, _ in plan:
         if rr is not None and rr <= 0:
@@ -166,6 +167,7 @@ LORA_OPTIONS = dict(
     dropout=Option(0.0, "float", low=0, high=0.99),
     targets=Option(None, "list", help=TARGETS_HELP),
     target_regex=Option(None, "regex", help=REGEX_HELP),
+    exclude=Option(None, "regex", help=EXCLUDE_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rslora=Option(False, "bool", help="scale by alpha/sqrt(r)"),
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
@@ -179,10 +181,10 @@ LORA_OPTIONS = dict(
 
 
 def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
-             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora"):
+             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None):
     """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers (`method`: the
     strategy's name, for messages)."""
-    plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha)
+    plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha, exclude)
     gen = torch.Generator().manual_seed(seed)
     for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
@@ -222,8 +224,7 @@ def _pattern_items(config: dict, key: str, where) -> tuple:
 
 def from_peft(config: dict, where) -> Step:
     """The `lora` step equivalent to a peft LoraConfig."""
-    for key, default in (("bias", "none"), ("use_qalora", False), ("layer_replication", None), ("target_parameters", None),
-                         ("exclude_modules", None)):
+    for key, default in (("bias", "none"), ("use_qalora", False), ("layer_replication", None), ("target_parameters", None)):
         if config.get(key, default) not in (default, None, {}, False, "none", []):
             raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab")
     options = {"r": config["r"], "alpha": config.get("lora_alpha", 8), "dropout": config.get("lora_dropout", 0.0),

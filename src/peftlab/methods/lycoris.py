@@ -6,18 +6,18 @@ from ..errors import UserError
 from ..spec import Option, Step
 from .lowrank import layer_rank_alpha, read_patterns
 from .registry import peft_fields, resolved
-from .targets import REGEX_HELP, TARGETS_HELP, linear_layers, peft_targets, pick_targets, target_options
+from .targets import EXCLUDE_HELP, REGEX_HELP, TARGETS_HELP, linear_layers, peft_targets, pick_targets, target_options
 
 LYCORIS_FIELDS = peft_fields("r alpha rank_dropout module_dropout use_effective_conv2d target_modules exclude_modules",
                              "init_weights layers_to_transform layers_pattern rank_pattern alpha_pattern modules_to_save")
 
 
-def lycoris_plan(model, method, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern) -> list:
+def lycoris_plan(model, method, r, alpha, targets, target_regex, layers, rank_pattern, alpha_pattern, exclude=None) -> list:
     """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
     ranks = read_patterns(rank_pattern, f"{method}: rank_pattern", "int")
     alphas = read_patterns(alpha_pattern, f"{method}: alpha_pattern", "float", 0)
     plan = []
-    for path, layer in pick_targets(model, targets, target_regex, layers, method).items():
+    for path, layer in pick_targets(model, targets, target_regex, layers, method, exclude).items():
         plan.append((path, layer, *layer_rank_alpha(method, path, r, alpha, ranks, alphas)))
     return plan
 
@@ -27,6 +27,7 @@ LYCORIS_OPTIONS = dict(
     alpha=Option(8.0, "float", help="scale numerator: ΔW is multiplied by alpha/r (peft's default 8)", low=0),
     targets=Option(None, "list", help=TARGETS_HELP),
     target_regex=Option(None, "regex", help=REGEX_HELP),
+    exclude=Option(None, "regex", help=EXCLUDE_HELP),
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
     alpha_pattern=Option((), "patterns", help="per-layer alphas: PATTERN=ALPHA joined with +", low=0),
@@ -58,8 +59,6 @@ def read_lycoris(config: dict, where) -> dict:
     for key in ("rank_dropout", "module_dropout"):
         if config.get(key) not in (None, 0, 0.0):
             raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab (only 0)")
-    if config.get("exclude_modules") not in (None, [], ""):
-        raise UserError(f"{where}: peft option exclude_modules={config['exclude_modules']!r} is not supported by peftlab")
     options = {"r": config.get("r", 8), "alpha": config.get("alpha", 8)}
     for key in ("rank_pattern", "alpha_pattern"):
         items = []

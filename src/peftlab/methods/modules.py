@@ -4,7 +4,10 @@
 
 The copy starts equal to θ, so the model starts at its base. Trainable: Σ |θ| over the named
 modules (lm_head on SmolLM2: V·d = 49152·576). A tied lm_head (its weight *is* the input
-embedding's) gets a copy of its own: only the output layer changes, as in peft.
+embedding's) gets a copy of its own: only the output layer changes, as in peft. With
+`tie=true` (peft's ensure_weight_tying) the copy is shared instead: the module tied to it gets
+a copy whose weight is the same trained tensor, so input and output embeddings stay one
+matrix — trained once, counted once, saved under both names, merged into the one base weight.
 
 Cost: the copy runs after the base module (a forward hook replaces the output), so each named
 module computes twice; the base pass is wasted work, largest for lm_head (B·T·V·d flops).
@@ -13,8 +16,8 @@ Names follow peft's rule: a module is chosen when its path ends with a name (`no
 `input_layernorm`; write a path, `model.norm`, for one module). Only leaf modules with weights
 (linear, embedding, norm layers) can be copied: a hook sees a module's positional input only.
 
-Merging copies θ' into the module and keeps θ for `unmerge`; refused for a tied module, whose
-weight is another module's too. ΔW (tracking) = W' − W.
+Merging copies θ' into the module and keeps θ for `unmerge`; refused for a tied module without
+`tie=true`, whose weight is another module's too. ΔW (tracking) = W' − W.
 
 peft's format has no standalone type for it: it rides inside a LoRA config as
 `modules_to_save`, tensors base_model.model.<module>.<parameter name> (e.g. lm_head.weight).
@@ -42,11 +45,12 @@ class ModuleCopy(Added):
     slot = "copy"
     label = "modules to save"
 
-    def __init__(self, module: nn.Module, shared_with: str | None = None):
+    def __init__(self, module: nn.Module, shared_with: str | None = None, follows: str | None = None):
         super().__init__()
         self.module = module
-        self.peft_keys = {f"module.{n}": n for n, _ in module.named_parameters()}  # peft: <host>.<parameter>
-        self.shared_with = shared_with  # another module whose weight is the host's (tied), or None
+        self.peft_keys = {f"module.{n}": n for n, _ in module.named_parameters(remove_duplicate=False)}
+        self.shared_with = shared_with  # another module whose weight is the host's (tied, not tie=true), or None
+        self.follows = follows  # tie=true: the module whose copy holds the trained weight (that one merges)
         self._originals = {}  # the host's own parameters while merged
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -65,15 +69,22 @@ class ModuleCopy(Added):
         own = dict(layer.named_parameters(recurse=False))
         return torch.cat([(p.float() - own[n].float()).reshape(-1) for n, p in self.module.named_parameters()])
 
+    def stored(self) -> dict:
+        return dict(self.named_parameters(remove_duplicate=False))
+
     def merge(self, layer: nn.Module) -> None:
         if self.shared_with:
             raise UserError(f"modules: this module's weight is also {self.shared_with} (tied); merging its trained "
-                            "copy would change that module too; keep the copy as an adapter")
+                            "copy would change that module too; train it with tie=true, or keep the copy as an adapter")
+        if self.follows:  # the base weight is the followed module's: its copy writes it once
+            return
         self._originals = {n: p.detach().clone() for n, p in layer.named_parameters(recurse=False)}
         for n, p in self.module.named_parameters():
             getattr(layer, n).data.copy_(p.detach())
 
     def unmerge(self, layer: nn.Module) -> None:
+        if self.follows:
+            return
         for n, p in self._originals.items():
             getattr(layer, n).data.copy_(p)
         self._originals = {}
@@ -122,7 +133,7 @@ def _shared(model, path: str, host: nn.Module) -> str | None:
 # ---- modules_to_save inside a LoraConfig ------------------------------------------------
 
 def inside(model, step: Step, hosts: dict) -> dict:
-    return {"modules_to_save": list(step.options.get("names", DEFAULT))}
+    return {"modules_to_save": list(step.options.get("names", DEFAULT)), "ensure_weight_tying": bool(step.options.get("tie"))}
 
 
 def read_inside(config: dict, where):
@@ -131,25 +142,38 @@ def read_inside(config: dict, where):
         return None
     if isinstance(names, str):
         names = [names]
-    if config.get("ensure_weight_tying"):
-        raise UserError(f"{where}: ensure_weight_tying with modules_to_save (one copy shared by tied modules) is not "
-                        "supported by peftlab")
     for n in names:
         if any(c in n for c in ",+/"):
             raise UserError(f"{where}: modules_to_save entry {n!r} holds ',', '+' or '/', which a peftlab strategy cannot carry")
-    return Step("modules", {"names": tuple(names)})
+    return Step("modules", {"names": tuple(names), "tie": bool(config.get("ensure_weight_tying"))})
 
 
 @register(
     "modules", examples=("modules:names=lm_head",), peft=PeftCodec(None, inside=inside, read_inside=read_inside, fields=frozenset({"modules_to_save"})),  # peft: only inside LoRA
     names=Option(DEFAULT, "list", help="modules to copy and train: names or paths (peft's suffix rule), joined with +"),
+    tie=Option(False, "bool", help="a module tied to a chosen one shares its trained copy (peft's ensure_weight_tying)"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
 )
-def modules(model, names, name, seed):
+def modules(model, names, tie, name, seed):
     """Train a full copy of chosen modules (peft's modules_to_save), e.g. lm_head."""
     if not names:
         raise UserError("modules: give the modules to train, e.g. modules:names=lm_head")
+    done = set()
     for path, host in chosen(model, names).items():
-        child = ModuleCopy(fresh_copy(host), _shared(model, path, host)).requires_grad_(True)
+        if path in done:
+            continue
+        partner = _shared(model, path, host)  # "<other module>.<parameter>" sharing host's weight, or None
+        child = ModuleCopy(fresh_copy(host), None if tie else partner).requires_grad_(True)
         attach(host, name, child)
+        done.add(path)
+        if not tie:
+            continue
+        if partner is None:
+            raise UserError(f"modules: tie=true, but {path}'s weight is tied to no other module of this model")
+        other_path, param = partner.rsplit(".", 1)
+        other = model.get_submodule(other_path)
+        mirror = fresh_copy(other)
+        setattr(mirror, param, child.module.weight)  # (V, d): the same tensor as the chosen copy's weight
+        attach(other, name, ModuleCopy(mirror, follows=path).requires_grad_(True))
+        done.add(other_path)

@@ -62,7 +62,7 @@ def qlora(model, bits, **opts):
     if is_conv1d(next(iter(linear_layers(model).values()))):
         raise UserError(f"qlora: {model.config.model_type} stores its layers as Conv1D, which bitsandbytes cannot quantize; use lora")
     lora_plan(model, "qlora", opts["r"], opts["targets"], opts["target_regex"], opts["layers"], opts["rank_pattern"],
-              opts["alpha_pattern"], opts["alpha"])  # every option checked before the base is quantized
+              opts["alpha_pattern"], opts["alpha"], opts["exclude"])  # every option checked before the base is quantized
     for path, linear in linear_layers(model).items():
         if type(linear) is nn.Linear:
             parent, _, leaf = path.rpartition(".")

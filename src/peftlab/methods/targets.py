@@ -57,9 +57,10 @@ def block_of(model, path: str) -> int | None:
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 TARGETS_HELP = "leaf module names, or all-linear (default: q_proj+v_proj, none when target_regex is given)"
 REGEX_HELP = "regex searched in module paths; alone it chooses, with targets a layer either picks is chosen"
+EXCLUDE_HELP = "regex searched in module paths: a layer it matches is never a target (peft's exclude_modules)"
 
 
-def pick_targets(model, targets, target_regex=None, layers=None, method: str = "lora") -> dict:
+def pick_targets(model, targets, target_regex=None, layers=None, method: str = "lora", exclude=None) -> dict:
     """Resolve `targets` (leaf names or 'all-linear'), a regex over module paths and a block
     range ('A-B', or a '+'-joined list of block indices) to {path: module}.
 
@@ -67,7 +68,8 @@ def pick_targets(model, targets, target_regex=None, layers=None, method: str = "
     the regex alone chooses, as peft's target_modules given as a string does. Both given: a
     layer either picks is chosen. The regex is searched in each path (anchor it with ^...$ to
     match whole paths) and must match at least one linear layer: a regex that matches none is
-    a mistake, not a request for the default layers."""
+    a mistake, not a request for the default layers. `exclude` (a regex searched in paths, as
+    peft's exclude_modules) removes layers from the choice; one that removes them all is refused."""
     candidates = linear_layers(model)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
     span = block_set(layers, num_layers(model)) if layers else None
@@ -90,6 +92,13 @@ def pick_targets(model, targets, target_regex=None, layers=None, method: str = "
             hit = False
         if hit:
             chosen[name] = module
+    if exclude and chosen:
+        rx_out = user_regex(exclude, f"{method}: exclude")
+        kept = {n: m for n, m in chosen.items() if not rx_out.search(n)}
+        if not kept:
+            raise UserError(f"{method}: exclude={clip(exclude, 80)} removes every chosen layer ({len(chosen)}, e.g. "
+                            f"{next(iter(chosen))}); nothing would train")
+        chosen = kept
     if not chosen:
         asked = " and ".join(x for x in (f"targets={'+'.join(targets)}" if targets else "",
                                          f"target_regex={clip(target_regex, 80)}" if target_regex else "") if x) or "targets="
@@ -140,6 +149,15 @@ def target_options(config: dict, where) -> dict:
         options["targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets or ())
     if "+" in options.get("target_regex", "") or "," in options.get("target_regex", ""):
         raise UserError(f"{where}: target_modules {targets!r} holds '+' or ',', which a peftlab strategy cannot carry")
+    excluded = config.get("exclude_modules")
+    if excluded:  # peft: a string is a regex matched in full; a list holds paths or their endings
+        if isinstance(excluded, str):
+            user_regex(excluded, f"{where}: exclude_modules")
+            options["exclude"] = f"^({excluded})$"
+        else:
+            options["exclude"] = r"(^|\.)(" + "|".join(re.escape(t) for t in excluded) + ")$"
+        if "+" in options["exclude"] or "," in options["exclude"]:
+            raise UserError(f"{where}: exclude_modules {excluded!r} holds '+' or ',', which a peftlab strategy cannot carry")
     layers = config.get("layers_to_transform")
     if layers is not None:
         layers = [layers] if isinstance(layers, int) else sorted(layers)
