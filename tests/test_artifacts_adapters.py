@@ -65,16 +65,69 @@ def test_combinations_match_hand_computed_deltas(tmp_path, how, ranks):
         exact = 0.7 * da[host] + -0.3 * db[host]
         if how == "cat":
             torch.testing.assert_close(got[host], exact, atol=1e-6, rtol=0)
-        elif how == "linear":
+        elif how == "linear":  # peft's rule: A carries the weight's sign
             a, b = slot["a"], slot["b"]
             ka, kb = (0.7 * a.scaling) ** 0.5, (0.3 * b.scaling) ** 0.5
-            hand = (ka * a.B - kb * b.B) @ (ka * a.A + kb * b.A)
+            hand = (ka * a.B + kb * b.B) @ (ka * a.A - kb * b.A)
             torch.testing.assert_close(got[host], hand, atol=1e-6, rtol=0)
         else:
             U, S, Vh = torch.linalg.svd(exact)
             torch.testing.assert_close(got[host], (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-5, rtol=0)
     set_active(base.model, "ab")
     assert torch.isfinite(base.model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("how", ["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
+                                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"])
+def test_combinations_equal_peft_add_weighted_adapter(how, tmp_path, monkeypatch):
+    """The same two adapters combined by peft's add_weighted_adapter and by ours: equal logits
+    (TIES' sign election by sum and by count). DARE's masks are random, and peft draws them
+    from the global generator after initialising the new adapter (which draws too), so here
+    both sides get the same fixed masks; test_dare_draws_peft_masks checks the random ones."""
+    from peft import PeftModel
+
+    if how.startswith("dare"):
+        fixed = lambda p, generator=None: (torch.arange(p.numel()).reshape(p.shape) % 5 < 3).to(p.dtype)  # noqa: E731
+        monkeypatch.setattr(torch, "bernoulli", fixed)
+    base, ids, _ = two_loras(tmp_path)
+    theirs = PeftModel.from_pretrained(load_model("tiny-llama").model, str(tmp_path / "a"), adapter_name="a")
+    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    for sign in ("total", "frequency") if "ties" in how else ("total",):
+        name = f"ab_{sign}"
+        torch.manual_seed(7)
+        theirs.add_weighted_adapter(["a", "b"], [0.7, -0.3], name, combination_type=how, svd_rank=3, density=0.6,
+                                    majority_sign_method=sign)
+        theirs.set_adapter(name)
+        combine(base.model, {"a": 0.7, "b": -0.3}, name, how=how, rank=3, density=0.6, sign=sign, seed=7)
+        set_active(base.model, name)
+        torch.testing.assert_close(base.model(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["dare_linear", "dare_ties"])
+def test_dare_draws_peft_masks(how):
+    """mixing.mix with a generator seeded s equals peft's merge function after torch.manual_seed(s)."""
+    from peft.utils import merge_utils
+
+    from peftlab.mixing import mix
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    weights = [0.5, -0.2, 0.9]
+    torch.manual_seed(11)
+    args = (tensors, torch.tensor(weights), 0.4) + (("total",) if how == "dare_ties" else ())
+    want = getattr(merge_utils, how)(*args)
+    got = mix(tensors, weights, how, 0.4, "total", torch.Generator().manual_seed(11))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_combine_refuses_what_it_cannot_do(tmp_path):
+    base, _, _ = two_loras(tmp_path, specs={"b": "adapter:r=4,seed=1"})
+    with pytest.raises(UserError, match=r"bottleneck adapters \(nonlinear\) cannot be combined"):
+        combine(base.model, {"b": 1.0}, "bb")
+    for kwargs, says in (({"how": "ties", "density": 0}, "density=0 must be in"), ({"how": "ties", "sign": "most"}, "sign must be"),
+                         ({"how": "best"}, "how must be one of"), ({"how": "ties_svd"}, "needs a positive rank")):
+        with pytest.raises(UserError, match=says):
+            combine(base.model, {"a": 1.0}, "x", **kwargs)
 
 
 def test_linear_needs_equal_ranks(tmp_path):

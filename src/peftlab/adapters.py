@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import UserError
+from .mixing import HOW
 from .methods.attach import attached, check_name, detach, route, unroute
 
 BASE = "__base__"  # a row that should see no adapter
@@ -121,33 +122,47 @@ def enable_adapter_names_kwarg(model) -> None:
         )
 
 
+COMBINATIONS = ("cat", "svd", *HOW, *(f"{h}_svd" for h in HOW if h != "linear"))
+
+
 @torch.no_grad()
-def combine(model, weights: dict, name: str, how: str = "cat", rank: int | None = None) -> None:
-    """Add adapter `name` = a weighted combination of existing low-rank adapters (LoRA).
+def combine(model, weights: dict, name: str, how: str = "cat", rank: int | None = None, density: float = 1.0,
+            sign: str = "total", seed: int = 0) -> None:
+    """Add adapter `name` = a weighted combination of existing low-rank adapters (LoRA), as
+    peft's add_weighted_adapter makes it (the same ways, the same numbers).
 
     how="cat":    A = [A_1; …; A_k], B = [w_1 s_1 B_1, …, w_k s_k B_k], s = 1
                   → ΔW = Σ w_i ΔW_i exactly; rank Σ r_i (mixed ranks are fine).
-    how="linear": equal ranks only; A = Σ √|w_i s_i| A_i, B = Σ sign(w_i) √|w_i s_i| B_i, s = 1
-                  → rank r, ΔW ≈ Σ w_i ΔW_i (exact when the adapters share A or B).
     how="svd":    ΔW = Σ w_i ΔW_i truncated to `rank` by SVD: B = U_r S_r, A = V_rᵀ, s = 1.
-    Each added module type that can be combined says how (its `combine` class method).
+    how="linear", "ties", "dare_linear", "dare_ties", "magnitude_prune" (mixing.py): equal
+                  ranks; the rule applied to the A_i weighted by sign(w_i)√|w_i s_i| and to the
+                  B_i weighted by √|w_i s_i|, s = 1 (linear: exact when the adapters share A or B).
+    how="<rule>_svd": the rule applied to the whole ΔW_i, then truncated to `rank` by SVD.
+    `density`: the fraction of entries TIES / DARE / magnitude pruning keep; `sign`: TIES'
+    election by "total" (sum) or "frequency" (count); `seed`: DARE's random masks.
+    Each added module type says whether and how it combines (the protocol's `combine`).
     """
     check_name(name)
     _known(model, weights)
     if name in adapter_names(model):
         raise UserError(f"an adapter named '{name}' exists already; delete it or choose another name")
-    if how not in ("cat", "linear", "svd"):
-        raise UserError(f"combine: how must be cat, linear or svd, got '{how}'")
-    if how == "svd" and (rank is None or rank <= 0):
-        raise UserError("combine: how=svd needs a positive rank")
+    if how not in COMBINATIONS:
+        raise UserError(f"combine: how must be one of {', '.join(COMBINATIONS)}, got '{how}'")
+    if how.endswith("svd") and (rank is None or rank <= 0):
+        raise UserError(f"combine: how={how} needs a positive rank")
+    if not 0 < density <= 1:
+        raise UserError(f"combine: density={density} must be in (0, 1], the fraction of entries kept")
+    if sign not in ("total", "frequency"):
+        raise UserError(f"combine: sign must be total or frequency, got '{sign}'")
+    gen = torch.Generator().manual_seed(seed)
     for host_name, layer, slot in list(attached(model)):
         parts = [(slot[n], w) for n, w in weights.items() if n in slot]
         if not parts:
             continue
         kind = type(parts[0][0])
-        if not hasattr(kind, "combine") or any(type(d) is not kind for d, _ in parts):
-            raise UserError(f"combine works on low-rank adapters of one kind; {host_name} holds {kind.slot}")
-        new = kind.combine(parts, how, rank)
+        if any(type(d) is not kind for d, _ in parts):
+            raise UserError(f"combine works on adapters of one kind; {host_name} holds {kind.slot} and others")
+        new = kind.combine(parts, how, rank, density, sign, gen)
         new.method = parts[0][0].method
         new.active = False
         new.requires_grad_(False)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..mixing import mix
 from ..spec import Option, Step
 from .attach import attach
 from .lowrank import LORA_FIELDS, check_ranks, pattern_value, read_patterns
@@ -99,24 +100,26 @@ class LoraDelta(Added):
 
     @classmethod
     @torch.no_grad()
-    def combine(cls, parts: list, how: str, rank: int | None):
-        """One new delta equal to Σ w_i ΔW_i (see adapters.combine for the three ways)."""
+    def combine(cls, parts: list, how: str, rank: int | None, density: float = 1.0, sign: str = "total", gen=None):
+        """One new delta from [(delta, weight)] (see adapters.combine for the ways), scaling 1."""
         if any(d.magnitude is not None or d.B_bias is not None for d, _ in parts):
             raise UserError("combine works on plain LoRA adapters; DoRA magnitudes and lora_bias do not add up")
         if how == "cat":
             A = torch.cat([d.A for d, _ in parts], 0)
             B = torch.cat([w * d.scaling * d.B for d, w in parts], 1)
-        elif how == "linear":
-            if len({d.A.shape[0] for d, _ in parts}) > 1:
-                raise UserError("combine how=linear needs equal ranks; use how=cat or how=svd for mixed ranks")
-            c = [(abs(w * d.scaling) ** 0.5, 1.0 if w >= 0 else -1.0) for d, w in parts]
-            A = sum(k * d.A for (d, _), (k, _) in zip(parts, c))
-            B = sum(sign * k * d.B for (d, _), (k, sign) in zip(parts, c))
-        else:
-            dw = sum(w * d.delta_weight() for d, w in parts)
-            U, S, Vh = torch.linalg.svd(dw.float(), full_matrices=False)
+        elif how.endswith("svd"):  # the rule on the whole ΔW_i, then the best rank-`rank` approximation
+            rule = "linear" if how == "svd" else how.removesuffix("_svd")
+            dw = mix([d.delta_weight().float() for d, _ in parts], [w for _, w in parts], rule, density, sign, gen)
+            U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
             r = min(rank, S.numel())
             B, A = U[:, :r] * S[:r], Vh[:r]
+        else:  # the rule on the factors, each weighted by √|w s| (A carries the sign), as peft does
+            if len({d.A.shape[0] for d, _ in parts}) > 1:
+                raise UserError(f"combine how={how} needs equal ranks; use how=cat or an _svd way for mixed ranks")
+            k = [abs(w * d.scaling) ** 0.5 for d, w in parts]
+            signs = [1.0 if w * d.scaling >= 0 else -1.0 for d, w in parts]
+            A = mix([d.A.float() for d, _ in parts], [s * kk for s, kk in zip(signs, k)], how, density, sign, gen)
+            B = mix([d.B.float() for d, _ in parts], k, how, density, sign, gen)
         new = cls(A.shape[1], B.shape[0], A.shape[0], alpha=A.shape[0]).to(A.device)  # alpha = r → s = 1
         new.A.copy_(A)
         new.B.copy_(B)

@@ -14,6 +14,7 @@ An added module lives at `host.<slot>[adapter name]` (see attach.py) and carries
                       loss runs the layer, which is slower: loss.py never builds all logits otherwise)
     peft_keys         parameter name -> the tensor name peft stores it under on the host
     stored()          parameter name -> tensor as saved (a reparametrisation may fold here)
+    combine(parts, how, ...)  (class method) one module from several adapters' (TIES, DARE, SVD…)
 
 A method whose added module overrides nothing but `forward` still switches, disables,
 deletes, saves and loads; `delta_weight` makes it mergeable and tracked as a weight change.
@@ -39,6 +40,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from .targets import base_weight, write_weight
 
 
@@ -78,6 +80,12 @@ class Added(nn.Module):
     def head_weight(self, layer: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
         """On the output layer: `weight` (V, d) as this module changes it, or None."""
         return None
+
+    @classmethod
+    def combine(cls, parts: list, how: str, rank: int | None, density: float = 1.0, sign: str = "total", gen=None):
+        """A new module of this kind from [(module, weight)] of several adapters on one host
+        (adapters.combine names the ways); a kind that cannot be combined says so."""
+        raise UserError(f"{cls.label or cls.slot} cannot be combined; combine works on LoRA adapters")
 
     def stored(self) -> dict:
         """Parameter name -> tensor, as it is saved and loaded."""
