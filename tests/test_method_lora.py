@@ -182,3 +182,58 @@ def test_exclude_removes_layers_and_refuses_to_remove_all():
     assert all("mlp" not in n for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(UserError, match="exclude=proj removes every chosen layer"):
         prepare(load_model("tiny-llama").model, "lora:r=2,exclude=proj")
+
+
+MOE = "lora:r=2,alpha=4,targets=,target_parameters=experts.gate_up_proj+experts.down_proj"
+
+
+def test_moe_expert_parameters_count_r_e_m_plus_n():
+    model = load_model("tiny-mixtral").model
+    prepare(model, MOE)
+    stacks = [p.shape for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert n_trainable(model) == sum(2 * e * (m + k) for e, m, k in stacks)
+
+
+@pytest.mark.parametrize("spec, targets", [(MOE, []), (MOE.replace("targets=,", "targets=q_proj,"), ["q_proj"])])
+def test_moe_expert_parameters_same_as_peft_target_parameters(spec, targets, tmp_path):
+    """peft's LoraConfig(target_parameters=...) on a tiny Mixtral from transformers' own config:
+    the same tensor names (peft nests one wrapper per parameter) and shapes, equal logits both ways."""
+    from peft import LoraConfig
+
+    from method_checks import peft_agrees
+
+    peft_agrees("tiny-mixtral", spec, LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"]), tmp_path)
+
+
+def test_moe_expert_parameters_train_save_and_load_in_peft(text_file, tmp_path):
+    """Trained on text, only the expert factors move; the folder is peft's, and peft loads it
+    with the trained model's logits; merging folds each expert's update into its stack."""
+    from peft import PeftModel
+
+    from method_checks import merges_exactly
+    from peftlab import TrainConfig, load_blocks, train
+    from peftlab.artifacts import kind, save
+
+    loaded = load_model("tiny-mixtral", seed=0)
+    prepared = prepare(loaded.model, MOE)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    records = train(loaded.model, load_blocks(loaded, str(text_file), 32), prepared,
+                    TrainConfig(steps=6, lr=1e-2, batch_size=4, warmup=0), show=False)
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_param." in n for n in moved)
+    ids = sample_ids(loaded)
+    want = loaded.model(input_ids=ids).logits
+    folder = save(loaded.model, prepared, tmp_path / "moe", base_model="tiny-mixtral")
+    assert kind(folder) == "peft"
+    theirs = PeftModel.from_pretrained(load_model("tiny-mixtral").model, str(folder))
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    merges_exactly("tiny-mixtral", MOE)
+
+
+def test_moe_expert_parameters_refuse_what_peft_refuses():
+    with pytest.raises(UserError, match="target_parameters experts.up names no parameter"):
+        prepare(load_model("tiny-mixtral").model, "lora:targets=,target_parameters=experts.up")
+    with pytest.raises(UserError, match="takes plain LoRA"):
+        prepare(load_model("tiny-mixtral").model, MOE + ",dropout=0.1")

@@ -28,6 +28,8 @@ ARCHS = {
     "qwen2": _LLAMA,
     "gemma3_text": _LLAMA,
     "gemma2": _LLAMA,
+    "mixtral": _LLAMA,  # mixtures of experts: the MLP is a router and stacked expert weights
+    "qwen3_moe": _LLAMA,
     "gpt_neo": Arch("transformer.h", "attn.attention", "mlp",
                     {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}),
     "gpt2": Arch("transformer.h", "attn", "mlp", {"c_attn": "qkv", "c_proj": "o"}),

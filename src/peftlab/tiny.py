@@ -13,6 +13,7 @@ from transformers import (
     GPT2Config,
     GPTNeoConfig,
     LlamaConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -63,6 +64,12 @@ def _configs():
             vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
             max_position_embeddings=512, **common,
+        ),
+        # A mixture of experts: 4 experts, 2 per token, stacked as (E, 2f, d) and (E, d, f) parameters.
+        "tiny-mixtral": MixtralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=512, tie_word_embeddings=False, **common,
         ),
         # The exact shape of EleutherAI/gpt-neo-125M, for parameter counting only.
         "gptneo-125m-shape": GPTNeoConfig(

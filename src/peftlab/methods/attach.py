@@ -37,22 +37,25 @@ class Slot(nn.ModuleDict):
         self.rows = None
 
 
-def attach(host: nn.Module, name: str, child: nn.Module, hook=None, pre: bool = False) -> None:
+def attach(host: nn.Module, name: str, child: nn.Module, hook=None, pre: bool = False, after=None) -> None:
     """Put `child` at `host.<child.slot>[name]`; register `hook` once per slot.
 
     A post hook is `hook(host, args, output) -> output` (default: `output_hook`, for modules
     whose forward is `child(x, base_out, host)`); a pre hook (`pre=True`) is
-    `hook(host, args, kwargs) -> (args, kwargs)` and sees keyword arguments.
+    `hook(host, args, kwargs) -> (args, kwargs)` and sees keyword arguments; `after`, with a
+    pre hook, is a post hook that undoes what it did (LoRA on parameters).
     """
     check_name(name)
     slot = child.slot
-    if slot not in host._modules:
+    if slot not in dict(host.named_children()):
         host.add_module(slot, Slot(slot))
         handles = host.__dict__.setdefault("_peftlab_hooks", {})
         if pre:
-            handles[slot] = host.register_forward_pre_hook(hook, with_kwargs=True)
+            handles[slot] = [host.register_forward_pre_hook(hook, with_kwargs=True)]
+            if after is not None:
+                handles[slot].append(host.register_forward_hook(after))
         else:
-            handles[slot] = host.register_forward_hook(hook or partial(output_hook, slot))
+            handles[slot] = [host.register_forward_hook(hook or partial(output_hook, slot))]
     getattr(host, slot)[name] = child
 
 
@@ -73,8 +76,7 @@ def detach(host: nn.Module, slot: str, name: str | None = None) -> None:
         del children[name]
     if name is None or len(children) == 0:
         delattr(host, slot)
-        handle = host.__dict__.get("_peftlab_hooks", {}).pop(slot, None)
-        if handle is not None:
+        for handle in host.__dict__.get("_peftlab_hooks", {}).pop(slot, []):
             handle.remove()
 
 

@@ -6,6 +6,12 @@
 Trainable per target: r(m+n), plus m for DoRA, plus m for `lora_bias` (b_B, zero-init).
 `rank_pattern` / `alpha_pattern` give chosen layers their own r / α (peft's rule: a pattern
 matches a module path when the path ends in it after a dot).
+
+`target_parameters` (peft's name) puts LoRA on parameters rather than layers — a mixture of
+experts' stacked expert weights W ∈ R^{E×m×n}: one update per expert, ΔW_e = s·B_e A_e, with
+A ∈ R^{rE×n}, B ∈ R^{m×rE} in peft's layout (A_e = rows e·r…, B_e = columns e, e+E, …).
+Trainable per parameter: rE(m+n). During the host's forward the parameter reads W + ΔW
+(torch's parametrization, registered before and removed after, so names never change).
 """
 
 import math
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..mixing import mix
 from ..spec import Option, Step
-from .attach import attach
+from .attach import active, attach
 from .lowrank import LORA_FIELDS, check_ranks, pattern_value, read_patterns
 from .protocol import Added
 from .registry import PeftCodec, register
@@ -133,11 +139,14 @@ def make_dora(delta: LoraDelta, layer: nn.Module) -> None:
 
 
 def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), alpha_pattern=(), alpha=None,
-              exclude=None) -> list:
-    """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated)."""
+              exclude=None, target_parameters=()) -> list:
+    """[(path, layer, rank, alpha)] for every target, every option checked (nothing allocated).
+    With `target_parameters` and targets= (empty), no layer is a target."""
     alpha = 2 * r if alpha is None else alpha
     ranks = read_patterns(rank_pattern, f"{method}: rank_pattern", "int")
     alphas = read_patterns(alpha_pattern, f"{method}: alpha_pattern", "float", 0)
+    if target_parameters and targets == () and not target_regex:
+        return []
     chosen = pick_targets(model, targets, target_regex, layers, method, exclude)
     plan = [(path, layer, pattern_value(ranks, path, None), pattern_value(alphas, path, alpha)) for path, layer in chosen.items()]
     for path, _, rr, _ in plan:
@@ -178,16 +187,22 @@ LORA_OPTIONS = dict(
     rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
     alpha_pattern=Option((), "patterns", help="per-layer alphas: PATTERN=ALPHA joined with +", low=0),
     lora_bias=Option(False, "bool", help="also train a bias on B (peft's lora_bias)"),
+    target_parameters=Option((), "list", help="parameters (MoE experts' stacked weights), names or path endings; "
+                                              "with targets= alone"),
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
 )
 
 
 def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
-             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None):
+             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None, target_parameters=()):
     """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers (`method`: the
-    strategy's name, for messages)."""
-    plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha, exclude)
+    strategy's name, for messages), and to the chosen parameters."""
+    plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha, exclude,
+                     target_parameters)
+    hosts = parameter_hosts(model, target_parameters, method)
+    if hosts and (dropout or dora or lora_bias or init == "pissa"):
+        raise UserError(f"{method}: target_parameters takes plain LoRA (no dropout, dora, lora_bias or pissa), as peft's")
     gen = torch.Generator().manual_seed(seed)
     for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
@@ -196,6 +211,121 @@ def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, do
         if dora:
             make_dora(delta, layer)
         attach(layer, name, delta)
+    for path, (host, names) in hosts.items():
+        delta = ParamDelta(host, names, r, 2 * r if alpha is None else alpha, rslora)
+        with torch.no_grad():
+            for f in delta.factors.values():
+                f.A.uniform_(-1 / math.sqrt(f.A.shape[1]), 1 / math.sqrt(f.A.shape[1]), generator=gen)
+        attach(host, name, delta.to(next(host.parameters()).device), param_pre_hook, pre=True, after=param_post_hook)
+
+
+# ---- LoRA on parameters (peft's target_parameters) ----------------------------------------
+
+class Factors(nn.Module):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)
+
+
+class ParamDelta(Added):
+    """LoRA on parameters of one module: for each, A (rE, n), B (m, rE) as peft lays them out,
+    ΔW (E, m, n) = s·B_e A_e per expert (2-D parameters: E = 1, ΔW = s·BA)."""
+
+    slot = "lora_param"
+    label = "LoRA on parameters"
+
+    def __init__(self, host: nn.Module, names: list, r: int, alpha: float, rslora: bool):
+        super().__init__()
+        self.factors = nn.ModuleDict()
+        self.layout = {}  # parameter name -> (experts, transposed, dimensions)
+        self.peft_keys = {}
+        for i, n in enumerate(names):  # the host's registration order: peft nests one wrapper per parameter
+            shape = getattr(host, n).shape
+            if len(shape) not in (2, 3):
+                raise UserError(f"target_parameters: {n} has {len(shape)} dimensions; LoRA takes 2-D or 3-D parameters")
+            transposed = len(shape) == 3 and bool(getattr(host, "is_transposed", False))
+            experts = shape[0] if len(shape) == 3 else 1
+            m, k = (shape[2], shape[1]) if transposed else (shape[-2], shape[-1])  # ΔW_e is (m, k) or its transpose
+            self.factors[n] = Factors(torch.zeros(r * experts, k), torch.zeros(m, r * experts))
+            self.layout[n] = (experts, transposed, len(shape))
+            nest = "base_layer." * (len(names) - 1 - i)
+            self.peft_keys |= {f"factors.{n}.A": f"{nest}lora_A.weight", f"factors.{n}.B": f"{nest}lora_B.weight"}
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+
+    def delta(self, n: str) -> torch.Tensor:
+        """ΔW of parameter `n`, in its own shape, fp32."""
+        f, (experts, transposed, ndim) = self.factors[n], self.layout[n]
+        if ndim == 2:
+            dw = f.B @ f.A  # (out, in)
+        else:
+            A = f.A.reshape(experts, -1, f.A.shape[-1])  # (E, r, k)
+            B = f.B.reshape(f.B.shape[0], -1, experts)  # (m, r, E)
+            dw = torch.einsum("ore,eri->eio" if transposed else "ore,eri->eoi", B, A)
+        return dw.float() * self.scaling
+
+    def delta_weight(self, layer: nn.Module) -> torch.Tensor:
+        return torch.cat([self.delta(n).reshape(-1) for n in self.factors])
+
+    def merge(self, layer: nn.Module) -> None:
+        for n in self.factors:
+            p = getattr(layer, n)
+            p.data = (p.data.float() + self.delta(n)).to(p.dtype)
+
+    def unmerge(self, layer: nn.Module) -> None:
+        for n in self.factors:
+            p = getattr(layer, n)
+            p.data = (p.data.float() - self.delta(n)).to(p.dtype)
+
+
+class _Plus(nn.Module):
+    """A parametrization: the parameter reads W + ΔW while its host runs."""
+
+    def __init__(self, delta: torch.Tensor):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.delta.to(w.dtype)
+
+
+def param_pre_hook(host, args, kwargs):
+    from torch.nn.utils import parametrize
+
+    slot = getattr(host, ParamDelta.slot)
+    if slot.rows is not None:
+        raise UserError("LoRA on parameters (target_parameters) changes weights every row shares; it cannot be routed per row")
+    on = active(slot)
+    if on:
+        for n in on[0].factors:
+            delta = sum(d.delta(n) for d in on)
+            parametrize.register_parametrization(host, n, _Plus(delta), unsafe=True)
+    return args, kwargs
+
+
+def param_post_hook(host, args, output):
+    from torch.nn.utils import parametrize
+
+    for n in list(getattr(host, "parametrizations", {}) or {}):
+        if any(isinstance(m, _Plus) for m in host.parametrizations[n]):
+            parametrize.remove_parametrizations(host, n, leave_parametrized=False)
+    return output
+
+
+def parameter_hosts(model, wanted, method: str) -> dict:
+    """{module path: (module, [parameter names in registration order])} for every parameter
+    whose path is one of `wanted` or ends with '.' + one (peft's rule)."""
+    out = {}
+    for path, module in model.named_modules():
+        if getattr(module, "_peftlab_added", False) or not path:
+            continue
+        for n, _ in module.named_parameters(recurse=False):
+            key = f"{path}.{n}"
+            if any(key == w or key.endswith(f".{w}") for w in wanted):
+                out.setdefault(path, (module, []))[1].append(n)
+    missing = [w for w in wanted if not any(f"{p}.{n}" == w or f"{p}.{n}".endswith(f".{w}") for p, (_, ns) in out.items() for n in ns)]
+    if missing:
+        raise UserError(f"{method}: target_parameters {missing[0]} names no parameter of this model")
+    return out
 
 
 # ---- peft's LoraConfig ------------------------------------------------------------------
@@ -204,15 +334,20 @@ def to_peft(model, step: Step, hosts: dict) -> dict:
     """LoraConfig fields for adapter deltas `hosts` ({module path: LoraDelta}) made by `step`."""
     o = step.options
     rslora = o.get("rslora", False)
-    first = next(iter(hosts.values()))
+    layers = {h: d for h, d in hosts.items() if isinstance(d, LoraDelta)}
+    first = next(iter(layers.values()), None)
     r = o.get("r", 8)
     alpha = o.get("alpha") if o.get("alpha") is not None else 2 * r
     split = lambda items, kind: {k: kind(v) for k, _, v in (i.rpartition("=") for i in items)}  # noqa: E731
+    targets = peft_targets(model, layers) if layers else {"target_modules": [], "layers_to_transform": None,
+                                                            "layers_pattern": None}
     return {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, **peft_targets(model, hosts), "lora_dropout": first.dropout,
-        "use_rslora": rslora, "use_dora": first.magnitude is not None, "fan_in_fan_out": model.config.model_type == "gpt2",
-        "bias": "none", "lora_bias": first.B_bias is not None, "init_lora_weights": True,
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, **targets, "lora_dropout": first.dropout if first else 0.0,
+        "use_rslora": rslora, "use_dora": first is not None and first.magnitude is not None,
+        "fan_in_fan_out": model.config.model_type == "gpt2", "bias": "none",
+        "lora_bias": first is not None and first.B_bias is not None, "init_lora_weights": True,
         "rank_pattern": split(o.get("rank_pattern", ()), int), "alpha_pattern": split(o.get("alpha_pattern", ()), float),
+        "target_parameters": list(o.get("target_parameters", ())) or None,
     }
 
 
@@ -227,7 +362,7 @@ def _pattern_items(config: dict, key: str, where) -> tuple:
 
 def from_peft(config: dict, where) -> Step:
     """The `lora` step equivalent to a peft LoraConfig."""
-    for key, default in (("bias", "none"), ("use_qalora", False), ("layer_replication", None), ("target_parameters", None)):
+    for key, default in (("bias", "none"), ("use_qalora", False), ("layer_replication", None)):
         if config.get(key, default) not in (default, None, {}, False, "none", []):
             raise UserError(f"{where}: peft option {key}={config[key]!r} is not supported by peftlab")
     options = {"r": config["r"], "alpha": config.get("lora_alpha", 8), "dropout": config.get("lora_dropout", 0.0),
@@ -236,6 +371,11 @@ def from_peft(config: dict, where) -> Step:
                "rank_pattern": _pattern_items(config, "rank_pattern", where),
                "alpha_pattern": _pattern_items(config, "alpha_pattern", where)}
     options.update(target_options(config, where))
+    params = config.get("target_parameters") or ()
+    if isinstance(params, str) or any(not isinstance(p, str) or any(c in p for c in "+,/") for p in params):
+        raise UserError(f"{where}: target_parameters {params!r} should be a list of parameter names without '+', ',' or '/'")
+    if params:
+        options["target_parameters"] = tuple(params)
     return Step("lora", options)
 
 
