@@ -237,3 +237,76 @@ def test_moe_expert_parameters_refuse_what_peft_refuses():
         prepare(load_model("tiny-mixtral").model, "lora:targets=,target_parameters=experts.up")
     with pytest.raises(UserError, match="takes plain LoRA"):
         prepare(load_model("tiny-mixtral").model, MOE + ",dropout=0.1")
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+def test_olora_init_equals_peft(arch):
+    """init=olora: the same A, B and residual base weight as peft's init_lora_weights="olora",
+    so the same logits; such an adapter saves in peftlab's format (its base is the residual)."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(load_model(arch).model, LoraConfig(r=4, lora_alpha=8, init_lora_weights="olora",
+                                                               target_modules=["q_proj", "v_proj"]))
+    ours = load_model(arch)
+    base = ours.model(input_ids=sample_ids(ours)).logits
+    prepare(ours.model, "lora:r=4,alpha=8,init=olora")
+    mine = {h: (s["default"], layer) for h, layer, s in attached(ours.model, "lora")}
+    for host, (delta, layer) in mine.items():
+        peft_layer = theirs.base_model.model.get_submodule(host)
+        torch.testing.assert_close(delta.A, peft_layer.lora_A["default"].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(delta.B, peft_layer.lora_B["default"].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=0)
+    ids = sample_ids(ours)
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, base, atol=1e-4, rtol=0)  # starts at the base
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits, iters", [(4, 1), (4, 3), (8, 1)])
+def test_loftq_init_is_peft_loop_on_the_cpu(bits, iters):
+    """init=loftq: the base becomes its quantization, the adapter the best rank-r fit of what
+    quantizing lost (peft's loftq_init, which itself needs CUDA, run here with peft's own
+    low-rank helper and bitsandbytes on the CPU); the start is closer to the base than the
+    quantized base alone, and more rounds do not move it away."""
+    import bitsandbytes as bnb
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from peftlab.methods.targets import base_weight
+
+    loaded = load_model("tiny-llama")
+    original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    ids = sample_ids(loaded)
+    want = loaded.model(input_ids=ids).logits
+    prepare(loaded.model, f"lora:r=4,alpha=4,init=loftq,loftq_bits={bits},loftq_iter={iters}")
+    for host, layer, slot in attached(loaded.model, "lora"):
+        w = original[f"{host}.weight"]
+        res = w
+        for i in range(iters):  # peft's loop (utils/loftq_utils.py), on the CPU
+            if bits == 4:
+                q = bnb.nn.Params4bit(res, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+                deq = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+            else:
+                q, scales, _ = bnb.functional.int8_vectorwise_quant(res.contiguous())
+                deq = bnb.functional.int8_vectorwise_dequant(q, scales).float()
+            out = _low_rank_decomposition(w - deq, reduced_rank=4)
+            res = w - out["L"] @ out["R"]
+        delta = slot["default"]
+        torch.testing.assert_close(base_weight(layer), deq, atol=1e-6, rtol=0)
+        torch.testing.assert_close(delta.delta_weight(), out["L"] @ out["R"], atol=1e-5, rtol=0)
+        assert (base_weight(layer) + delta.delta_weight() - w).norm() < (deq - w).norm()
+    got = loaded.model(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.1
+
+
+def test_svd_and_qr_inits_save_in_peftlab_format_and_load_back(tmp_path):
+    from peftlab.artifacts import kind, load, save
+
+    for init in ("olora", "loftq"):
+        loaded = load_model("tiny-llama")
+        prepared = prepare(loaded.model, f"lora:r=4,init={init}")
+        perturb(loaded.model, 0.05)
+        ids = sample_ids(loaded)
+        folder = save(loaded.model, prepared, tmp_path / init)
+        assert kind(folder) == "peftlab"
+        fresh = load_model("tiny-llama")
+        load(fresh.model, folder)
+        torch.testing.assert_close(fresh.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5, rtol=0)

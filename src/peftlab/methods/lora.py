@@ -156,7 +156,11 @@ def lora_plan(model, method, r, targets, target_regex, layers, rank_pattern=(), 
     return [(path, layer, r if rr is None else rr, aa) for path, layer, rr, aa in plan]
 
 
-def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Generator) -> None:
+def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Generator, loftq_bits: int = 4,
+               loftq_iter: int = 1) -> None:
+    """Initialise A and B (and, for the data-free SVD/QR inits, the base weight: W ← W − s·BA,
+    so the model still starts at its base; such adapters save in peftlab's format, their base
+    being another)."""
     with torch.no_grad():
         if init == "kaiming":  # HF peft's default: A ~ kaiming-uniform(a=√5), B = 0
             bound = 1 / math.sqrt(delta.A.shape[1])  # what kaiming_uniform_(a=√5) gives for fan_in = n
@@ -171,6 +175,41 @@ def init_delta(delta: LoraDelta, layer: nn.Module, init: str, seed_gen: torch.Ge
             delta.A.copy_(root[:, None] * Vh[:r])
             delta.B.copy_(U[:, :r] * root[None, :])
             write_weight(layer, w - delta.delta_weight())
+        elif init == "olora":  # OLoRA: W = QR; B = Q[:, :r] (orthonormal columns), A = R[:r], as peft
+            w = base_weight(layer).float()
+            Q, R = torch.linalg.qr(w)
+            r = delta.A.shape[0]
+            delta.A.copy_(R[:r])
+            delta.B.copy_(Q[:, :r])
+            write_weight(layer, w - delta.delta_weight())
+        elif init == "loftq":  # LoftQ: W ≈ Q(W') + s·BA, Q = NF4 (or int8) quantization, alternating
+            w = base_weight(layer).float()
+            dequantized, A, B = loftq(w, delta.A.shape[0], loftq_bits, loftq_iter)
+            delta.A.copy_(A)
+            delta.B.copy_(B / delta.scaling)
+            write_weight(layer, dequantized)
+
+
+def loftq(w: torch.Tensor, r: int, bits: int, iters: int) -> tuple:
+    """peft's loftq_init on any device: `iters` rounds of quantizing what the low-rank part does
+    not hold and taking the best rank-r fit (SVD, √S split between the factors) of what
+    quantizing lost. Returns (dequantized base, A (r, n), B (m, r)) with B A ≈ W − base."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("init=loftq quantizes with bitsandbytes: pip install 'peftlab[quant]'") from None
+    res = w
+    for i in range(iters):
+        if bits == 4:
+            q, state = bnb.functional.quantize_4bit(res, blocksize=64, compress_statistics=False, quant_type="nf4")
+            dequantized = bnb.functional.dequantize_4bit(q, state)
+        else:
+            q, scales, _ = bnb.functional.int8_vectorwise_quant(res.contiguous())
+            dequantized = bnb.functional.int8_vectorwise_dequant(q, scales).float()
+        U, S, Vh = torch.linalg.svd(w - dequantized, full_matrices=False)
+        B, A = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+        res = w - B @ A
+    return dequantized, A, B
 
 
 LORA_OPTIONS = dict(
@@ -183,7 +222,9 @@ LORA_OPTIONS = dict(
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rslora=Option(False, "bool", help="scale by alpha/sqrt(r)"),
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
-    init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa")),
+    init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa", "olora", "loftq")),
+    loftq_bits=Option(4, "int", help="init=loftq: quantize the base to 4 (NF4) or 8 bits", low=4, high=8),
+    loftq_iter=Option(1, "int", help="init=loftq: alternating rounds", low=1, high=100),
     rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
     alpha_pattern=Option((), "patterns", help="per-layer alphas: PATTERN=ALPHA joined with +", low=0),
     lora_bias=Option(False, "bool", help="also train a bias on B (peft's lora_bias)"),
@@ -195,19 +236,22 @@ LORA_OPTIONS = dict(
 
 
 def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
-             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None, target_parameters=()):
+             rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None, target_parameters=(),
+             loftq_bits=4, loftq_iter=1):
     """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers (`method`: the
     strategy's name, for messages), and to the chosen parameters."""
     plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha, exclude,
                      target_parameters)
     hosts = parameter_hosts(model, target_parameters, method)
-    if hosts and (dropout or dora or lora_bias or init == "pissa"):
-        raise UserError(f"{method}: target_parameters takes plain LoRA (no dropout, dora, lora_bias or pissa), as peft's")
+    if hosts and (dropout or dora or lora_bias or init not in ("kaiming", "gaussian")):
+        raise UserError(f"{method}: target_parameters takes plain LoRA (no dropout, dora, lora_bias or SVD/QR init), as peft's")
+    if init == "loftq" and loftq_bits not in (4, 8):
+        raise UserError(f"{method}: loftq_bits={loftq_bits}; LoftQ quantizes to 4 (NF4) or 8 bits")
     gen = torch.Generator().manual_seed(seed)
     for path, layer, rr, aa in plan:
         d_in, d_out = dims(layer)
         delta = LoraDelta(d_in, d_out, rr, aa, dropout, rslora, lora_bias).to(layer.weight.device)
-        init_delta(delta, layer, init, gen)
+        init_delta(delta, layer, init, gen, loftq_bits, loftq_iter)
         if dora:
             make_dora(delta, layer)
         attach(layer, name, delta)
@@ -379,7 +423,9 @@ def from_peft(config: dict, where) -> Step:
     return Step("lora", options)
 
 
-LORA = PeftCodec("LORA", to_peft, from_peft, fields=LORA_FIELDS, accepts=lambda step, model: step.options.get("init", "kaiming") != "pissa")
+# An adapter whose init changed the base (pissa, olora, loftq) needs that base: peftlab's format.
+LORA = PeftCodec("LORA", to_peft, from_peft, fields=LORA_FIELDS,
+                 accepts=lambda step, model: step.options.get("init", "kaiming") in ("kaiming", "gaussian"))
 
 
 @register("lora", examples=("lora:r=4", "lora:r=4,targets=all-linear,rslora=true", "lora:r=4,init=pissa"), peft=LORA, **LORA_OPTIONS)

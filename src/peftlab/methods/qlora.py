@@ -54,7 +54,7 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
                   "trains-its-own": "bitsandbytes repacks the frozen 4-bit weights for CPU on the first eval-mode forward "
                                     "(another layout), so raw tensors differ; test_method_bitfit_schedule_qlora.py "
                                     "checks that only LoRA's tensors train"},
-          bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias")})
+          bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias", "loftq_bits", "loftq_iter")})
 def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):
