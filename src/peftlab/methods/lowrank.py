@@ -1,6 +1,6 @@
 """What the low-rank methods share (LoRA, AdaLoRA, LoHa, LoKr): per-layer patterns (peft's
-suffix rule), rank checks before anything is allocated, peft's seeded kaiming init, and the
-config keys of peft's LoraConfig (AdaLoraConfig extends it)."""
+suffix rule), rank checks before anything is allocated, peft's seeded kaiming init, LoftQ's
+quantize-and-fit loop, and the config keys of peft's LoraConfig (AdaLoraConfig extends it)."""
 
 import math
 
@@ -68,3 +68,25 @@ def layer_rank_alpha(method: str, path: str, r: int, alpha: float, rank_pattern,
     if rr <= 0:
         raise UserError(f"{method}: rank_pattern gives {path} rank {rr}; ranks must be positive")
     return rr, pattern_value(alpha_pattern, path, alpha)
+
+
+def loftq(w: torch.Tensor, r: int, bits: int, iters: int) -> tuple:
+    """peft's loftq_init on any device: `iters` rounds of quantizing what the low-rank part does
+    not hold and taking the best rank-r fit (SVD, √S split between the factors) of what
+    quantizing lost. Returns (dequantized base, A (r, n), B (m, r)) with B A ≈ W − base."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("init=loftq quantizes with bitsandbytes: pip install 'peftlab[quant]'") from None
+    res = w
+    for i in range(iters):
+        if bits == 4:
+            q, state = bnb.functional.quantize_4bit(res, blocksize=64, compress_statistics=False, quant_type="nf4")
+            dequantized = bnb.functional.dequantize_4bit(q, state)
+        else:
+            q, scales, _ = bnb.functional.int8_vectorwise_quant(res.contiguous())
+            dequantized = bnb.functional.int8_vectorwise_dequant(q, scales).float()
+        U, S, Vh = torch.linalg.svd(w - dequantized, full_matrices=False)
+        B, A = U[:, :r] * S[:r].sqrt(), S[:r].sqrt()[:, None] * Vh[:r]
+        res = w - B @ A
+    return dequantized, A, B
