@@ -2,7 +2,8 @@
 
 Names alone mislead (GPT-Neo's `wte`/`wpe` are embeddings, GPT-2's `c_attn` holds q, k and v
 at once), so each architecture declares where its blocks, attention and MLP live; within that
-frame a module's *type* decides embeddings and norms.
+frame a module's *type* decides embeddings and norms. `select` picks base parameters by
+component, block range and name patterns (what the freezing methods train).
 """
 
 import re
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from .errors import UserError, close_matches
+from .spec import user_regex
 
 
 @dataclass(frozen=True)
@@ -141,3 +143,34 @@ def is_conv1d(module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
+
+
+def select(model, train=(), layers=None, include=None, exclude=None) -> list[str]:
+    """Names of base parameters picked by components, a block range and name regexes."""
+    for c in train:
+        check_component(c)
+    wanted_qkv = {"q", "k", "v"} & set(train)
+    if arch_of(model).proj.get("c_attn") == "qkv" and wanted_qkv and wanted_qkv != {"q", "k", "v"}:
+        raise UserError(f"{model.config.model_type} fuses q, k and v in one matrix; train q+k+v together or 'attention'")
+    span = parse_layers(layers, num_layers(model)) if layers else None
+    inc = user_regex(include, "freeze: include") if include else None
+    exc = user_regex(exclude, "freeze: exclude") if exclude else None
+    picked = []
+    for name, w in where(model).items():
+        if w.component == "added":
+            continue
+        hit = any(matches(w, c) for c in train) or bool(inc and inc.search(name))
+        if span is not None and w.layer not in span:
+            hit = False
+        if exc and exc.search(name):
+            hit = False
+        if hit:
+            picked.append(name)
+    return picked
+
+
+def unfreeze(model, names) -> None:
+    """Make the named base parameters trainable (freeze, bitfit, schedule)."""
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)

@@ -4,11 +4,10 @@ Architectures without biases (Llama, Gemma) have nothing to train; `norms=true` 
 norm weights instead, which is the closest analogue (an elementwise affine per feature).
 """
 
-from ..components import where
+from ..components import unfreeze, where
 from ..errors import UserError
 from ..spec import Option
 from .registry import register
-from .freeze import unfreeze
 
 
 @register("bitfit", examples=("bitfit:norms=true",), norms=Option(False, "bool", help="also train norm weights (needed on bias-free models)"))

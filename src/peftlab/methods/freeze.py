@@ -7,40 +7,10 @@ parameter names refine the choice. Two presets reproduce published studies:
 `freeze-attention` (train MLP + norms) and `targeted-qkv` (W_Q, W_K, W_V of blocks >= 6).
 """
 
-from ..components import arch_of, check_component, matches, num_layers, parse_layers, where
+from ..components import num_layers, select, unfreeze
 from ..errors import UserError
-from ..spec import Option, user_regex
+from ..spec import Option
 from .registry import register
-
-
-def select(model, train=(), layers=None, include=None, exclude=None) -> list[str]:
-    """Names of base parameters picked by components, a block range and name regexes."""
-    for c in train:
-        check_component(c)
-    wanted_qkv = {"q", "k", "v"} & set(train)
-    if arch_of(model).proj.get("c_attn") == "qkv" and wanted_qkv and wanted_qkv != {"q", "k", "v"}:
-        raise UserError(f"{model.config.model_type} fuses q, k and v in one matrix; train q+k+v together or 'attention'")
-    span = parse_layers(layers, num_layers(model)) if layers else None
-    inc = user_regex(include, "freeze: include") if include else None
-    exc = user_regex(exclude, "freeze: exclude") if exclude else None
-    picked = []
-    for name, w in where(model).items():
-        if w.component == "added":
-            continue
-        hit = any(matches(w, c) for c in train) or bool(inc and inc.search(name))
-        if span is not None and w.layer not in span:
-            hit = False
-        if exc and exc.search(name):
-            hit = False
-        if hit:
-            picked.append(name)
-    return picked
-
-
-def unfreeze(model, names) -> None:
-    params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
 
 
 @register("full")

@@ -7,10 +7,9 @@ trainable parameters to the optimizer at their step (a single process: the set o
 tensors changes mid-run).
 """
 
-from ..components import COMPONENTS
+from ..components import COMPONENTS, select, unfreeze
 from ..errors import UserError
 from ..spec import Option
-from .freeze import select, unfreeze
 from .protocol import Training
 from .registry import register
 
