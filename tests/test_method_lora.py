@@ -154,24 +154,33 @@ def test_bad_patterns_are_one_line(spec, says):
         prepare(load_model("tiny-llama").model, spec)
 
 
-@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
-@pytest.mark.parametrize("excluded", [["model.layers.0.self_attn.v_proj", "o_proj"], r".*\.1\.self_attn\.q_proj"])
-def test_exclude_modules_as_peft_reads_it(arch, excluded, tmp_path):
+EXCLUDED = {  # per architecture: a list (paths or their endings) and a regex matched in full
+    "tiny-llama": (["model.layers.0.self_attn.v_proj", "o_proj"], r".*\.1\.self_attn\.q_proj"),
+    "tiny-gemma3": (["model.layers.0.self_attn.v_proj", "o_proj"], r".*\.1\.mlp\.(up|down)_proj"),
+    "tiny-gptneo": (["transformer.h.0.attn.attention.v_proj", "out_proj"], r".*\.1\.attn\.attention\.q_proj"),
+    "tiny-gpt2": (["transformer.h.0.attn.c_attn", "c_fc"], r"transformer\.h\.1\.attn\.c_proj"),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("form", [0, 1], ids=["list", "regex"])
+def test_exclude_modules_as_peft_reads_it(arch, form, tmp_path):
     """peft's exclude_modules (a list: paths or their endings; a string: a regex matched in
     full) and ours (`exclude`, what peft folders carrying it load as): the same layers, logits."""
+    excluded = EXCLUDED[arch][form]
     from peft import LoraConfig, get_peft_model
 
     from peftlab.artifacts import load
 
     theirs = get_peft_model(load_model(arch).model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
-                                                               exclude_modules=excluded))
+                                                               exclude_modules=excluded, fan_in_fan_out=arch == "tiny-gpt2"))
     perturb(theirs, 0.1)
     theirs.save_pretrained(str(tmp_path / "theirs"))
     ours = load_model(arch)
     load(ours.model, tmp_path / "theirs")
     hosts = {h for h, _, _ in attached(ours.model, "lora")}
     wanted = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0] for n, _ in theirs.named_parameters() if "lora_A" in n}
-    assert hosts == wanted and len(hosts) > 0
+    assert hosts == wanted and 0 < len(hosts) < len(linear_dims(ours.model))  # some layers were excluded
     ids = sample_ids(ours)
     torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
 
@@ -239,7 +248,7 @@ def test_moe_expert_parameters_refuse_what_peft_refuses():
         prepare(load_model("tiny-mixtral").model, MOE + ",dropout=0.1")
 
 
-@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gptneo", "tiny-gemma3"])
 def test_olora_init_equals_peft(arch):
     """init=olora: the same A, B and residual base weight as peft's init_lora_weights="olora",
     so the same logits; such an adapter saves in peftlab's format (its base is the residual)."""
@@ -261,8 +270,9 @@ def test_olora_init_equals_peft(arch):
     torch.testing.assert_close(ours.model(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("bits, iters", [(4, 1), (4, 3), (8, 1)])
-def test_loftq_init_is_peft_loop_on_the_cpu(bits, iters):
+@pytest.mark.parametrize("arch, bits, iters", [("tiny-llama", 4, 1), ("tiny-llama", 4, 3), ("tiny-llama", 8, 1),
+                                              ("tiny-gptneo", 4, 1), ("tiny-gemma3", 4, 2)])
+def test_loftq_init_is_peft_loop_on_the_cpu(arch, bits, iters):
     """init=loftq: the base becomes its quantization, the adapter the best rank-r fit of what
     quantizing lost (peft's loftq_init, which itself needs CUDA, run here with peft's own
     low-rank helper and bitsandbytes on the CPU); the start is closer to the base than the
@@ -272,7 +282,7 @@ def test_loftq_init_is_peft_loop_on_the_cpu(bits, iters):
 
     from peftlab.methods.targets import base_weight
 
-    loaded = load_model("tiny-llama")
+    loaded = load_model(arch)
     original = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     ids = sample_ids(loaded)
     want = loaded.model(input_ids=ids).logits
