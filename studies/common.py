@@ -45,3 +45,14 @@ def plot_eval_curves(curves: list, title: str, path: Path) -> None:
     ax.legend()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rewrite_summary_if_asked(out: Path, summary) -> None:
+    """`python studies/X.py --summary`: rewrite summary.md from the kept results.json, and exit."""
+    if sys.argv[1:] == ["--summary"]:
+        import json
+
+        from peftlab.files import write_text
+
+        write_text(out / "summary.md", summary(json.loads((out / "results.json").read_text())))
+        sys.exit(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from peftlab import memory, run
-from common import plot_eval_curves
+from common import plot_eval_curves, rewrite_summary_if_asked
 from peftlab.files import write_text
 from peftlab.methods import trainable_parameters
 from peftlab.config import TrainConfig
@@ -82,9 +82,7 @@ def summary(results: list) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--summary"]:  # rewrite summary.md from the kept results.json
-        write_text(OUT / "summary.md", summary(json.loads((OUT / "results.json").read_text())))
-        sys.exit(0)
+    rewrite_summary_if_asked(OUT, summary)
     if sys.argv[1:] and sys.argv[1] in ("fp32", "bf16-compensated"):  # one run, in its own process (its own peak)
         print(json.dumps(one(sys.argv[1])))
         sys.exit(0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from peftlab import data, run, runtime
-from common import plot_eval_curves
+from common import plot_eval_curves, rewrite_summary_if_asked
 from peftlab.files import write_text
 from peftlab.config import TrainConfig
 from peftlab.loss import held_out_loss
@@ -75,9 +75,7 @@ def summary(results: list) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--summary"]:  # rewrite summary.md from the kept results.json
-        write_text(OUT / "summary.md", summary(json.loads((OUT / "results.json").read_text())))
-        sys.exit(0)
+    rewrite_summary_if_asked(OUT, summary)
     results = [one("float"), one("int8")]
     OUT.mkdir(exist_ok=True)
     plot(results, OUT / "eval_loss.png")

@@ -63,6 +63,21 @@ def peft_agrees(arch, spec, peft_config, tmp_path, scale=0.1):
     torch.testing.assert_close(logits(fresh.model, ids), logits(theirs, ids), atol=1e-5, rtol=0)
 
 
+def saves_and_loads(arch, spec, where, scale=0.2):
+    """Prepare, perturb, save into `where`, load on a fresh base: the same logits. Returns
+    (folder, ids, the trained model's logits)."""
+    loaded = load_model(arch)
+    prepared = prepare(loaded.model, spec, loaded.tokenizer)
+    perturb(loaded.model, scale)
+    ids = sample_ids(loaded)
+    want = loaded.model(input_ids=ids).logits
+    folder = save(loaded.model, prepared, where, base_model=arch)
+    fresh = load_model(arch)
+    load(fresh.model, folder, tokenizer=fresh.tokenizer)
+    torch.testing.assert_close(fresh.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    return folder, ids, want
+
+
 def merges_exactly(arch, spec, atol=1e-5):
     """merge → same logits as the adapter; unmerge → the base weights back; merge_and_unload
     → a plain model with the adapter's logits."""

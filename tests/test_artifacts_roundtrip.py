@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHS, perturb, sample_ids
+from conftest import ARCHS, sample_ids
+from method_checks import saves_and_loads
 from peftlab import load_model, prepare
 from peftlab.artifacts import kind, load, save, size_on_disk
 
@@ -17,16 +18,7 @@ NATIVE = ["lora:r=4,init=pissa", "adapter:r=8", "adapter:r=4,placement=pfeiffer"
 
 
 def roundtrip(arch, spec, tmp_path):
-    loaded = load_model(arch)
-    prepared = prepare(loaded.model, spec, loaded.tokenizer)
-    perturb(loaded.model)
-    ids = sample_ids(loaded)
-    want = loaded.model(input_ids=ids).logits
-    folder = save(loaded.model, prepared, tmp_path / "adapter", base_model=arch)
-    fresh = load_model(arch)
-    load(fresh.model, folder, tokenizer=fresh.tokenizer)
-    torch.testing.assert_close(fresh.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
-    return folder
+    return saves_and_loads(arch, spec, tmp_path / "adapter")[0]
 
 
 @pytest.mark.parametrize("spec", PEFT_FORMAT + NATIVE)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ARCHS, perturb, sample_ids
-from method_checks import checkpointing_keeps_gradients
+from method_checks import checkpointing_keeps_gradients, saves_and_loads
 from peftlab import TrainConfig, load_blocks, load_model, prepare, train
-from peftlab.artifacts import kind, load, save
+from peftlab.artifacts import kind
 from peftlab.artifacts.hf import known
 from peftlab.generate import generate
 from peftlab.methods import REGISTRY, trainable_parameters
@@ -55,15 +55,7 @@ def test_only_trainable_tensors_change(arch, spec, text_file):
 def test_saved_and_loaded_gives_the_same_logits_and_peft_agrees(arch, spec, tmp_path):
     """Saved (peft's format where it holds the strategy, else peftlab's) and loaded on a fresh
     base: the same logits; a peft-format folder loads in peft itself with the same logits."""
-    loaded = load_model(arch)
-    prepared = prepare(loaded.model, spec, loaded.tokenizer)
-    perturb(loaded.model, 0.1)
-    ids = sample_ids(loaded)
-    want = loaded.model(input_ids=ids).logits
-    folder = save(loaded.model, prepared, tmp_path / "adapter", base_model=arch)
-    fresh = load_model(arch)
-    load(fresh.model, folder, tokenizer=fresh.tokenizer)
-    torch.testing.assert_close(fresh.model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    folder, ids, want = saves_and_loads(arch, spec, tmp_path / "adapter", scale=0.1)
     if kind(folder) == "peft":
         from peft import PeftModel
 
