@@ -52,7 +52,6 @@ class AdaDelta(Added):
         self.B = nn.Parameter(torch.zeros(d_out, r))  # (m, r)
         self.E = nn.Parameter(torch.zeros(r, 1))  # (r, 1): the singular values
         self.r0 = r0
-        self.alpha = alpha
         self.scale = (alpha if alpha > 0 else float(r0)) / (r0 + EPS)
         self.dropout = dropout
         self.kept = None  # (r,) bool after an allocation; None before any
