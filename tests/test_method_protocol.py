@@ -151,3 +151,63 @@ def test_codec_fields_cover_every_key_of_peft_config_classes():
             continue
         keys = {f.name for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[codec.peft_type])} - BASE_FIELDS
         assert keys <= codec.fields, (method.name, sorted(keys - codec.fields))
+
+
+def test_the_training_seam_runs_each_hook_where_it_says(text_file, tmp_path):
+    """A Training of no particular method: after_backward sees the step's gradients before the
+    update, after_step sees the updated weights with the gradients still there, its loss term
+    reaches the gradients and the record, its learning-rate multiplier reaches the optimizer,
+    and its state goes into every checkpoint and comes back on resume."""
+    import torch
+
+    from peftlab import TrainConfig, load_blocks, load_model, prepare, train
+    from peftlab.methods import Training
+
+    class Probe(Training):
+        def __init__(self):
+            self.seen, self.count = [], torch.zeros(())
+
+        def start(self, model, steps):
+            self.steps = steps
+
+        def lr_scales(self, model):
+            return {n: 0.0 for n, p in model.named_parameters() if p.requires_grad and n.endswith(".B")}
+
+        def loss(self, model):
+            return 1e-3 * sum(p.square().sum() for n, p in model.named_parameters() if n.endswith(".A"))
+
+        def after_backward(self, model, step):
+            a = next(p for n, p in model.named_parameters() if n.endswith(".A"))
+            self.before = a.detach().clone()
+            self.seen.append(("backward", step, a.grad is not None))
+
+        def after_step(self, model, step):
+            a = next(p for n, p in model.named_parameters() if n.endswith(".A"))
+            self.seen.append(("step", step, a.grad is not None and not torch.equal(a, self.before)))
+            self.count += 1
+
+        def state(self):
+            return {"seen": len(self.seen)}, {"count": self.count}
+
+        def restore(self, state, tensors):
+            self.restored = (state["seen"], float(tensors["count"]))
+
+    loaded = load_model("tiny-llama", seed=0)
+    prepared = prepare(loaded.model, "lora:r=2")
+    probe = Probe()
+    prepared.training.append(probe)
+    b_before = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if n.endswith(".B")}
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_every=-1, checkpoint_every=2)
+    records = train(loaded.model, load_blocks(loaded, str(text_file), 32), prepared, cfg, out=tmp_path / "run", show=False)
+    assert probe.steps == 3
+    assert probe.seen == [("backward", 1, True), ("step", 1, True), ("backward", 2, True), ("step", 2, True),
+                          ("backward", 3, True), ("step", 3, True)]
+    assert all(r["method_loss"] > 0 for r in records)
+    assert all(torch.equal(p, b_before[n]) for n, p in loaded.model.named_parameters() if n.endswith(".B"))  # ×0
+    again = load_model("tiny-llama", seed=0)
+    prepared = prepare(again.model, "lora:r=2")
+    probe2 = Probe()
+    prepared.training.append(probe2)
+    train(again.model, load_blocks(again, str(text_file), 32), prepared, cfg, out=tmp_path / "run", show=False, resume=True)
+    assert probe2.restored == (4, 2.0)  # from the step-2 checkpoint: four hook calls, two updates
+    assert probe2.seen == [("backward", 3, True), ("step", 3, True)]  # then only what was left
