@@ -83,3 +83,16 @@ def test_qlora_generates_deterministically():
     prepare(loaded.model, "qlora:bits=4,r=4")
     perturb(loaded.model, 0.05)
     assert generate(loaded, "Call me", max_new_tokens=6) == generate(loaded, "Call me", max_new_tokens=6)
+
+
+def test_a_schedule_refuses_more_than_one_process(monkeypatch):
+    """Its set of trained tensors changes mid-run: one process only (its Training says so)."""
+    from peftlab import distributed
+    from peftlab.config import TrainConfig
+    from peftlab.train import check_processes
+
+    prepared = prepare(load_model("tiny-llama").model, "schedule:mlp=0,attention=2")
+    check_processes(prepared, TrainConfig())
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(UserError, match="schedule trains in one process only; drop --nproc / torchrun"):
+        check_processes(prepared, TrainConfig())
