@@ -57,8 +57,10 @@ def check_batch(blocks, batch_size: int, data_name: str) -> None:
 
 
 def prepare(r: Run, strategy: str) -> Run:
-    """Apply strategy `strategy` to the run's model (freeze, add modules)."""
-    r.prepared = methods.prepare(r.loaded.model, strategy, r.loaded.tokenizer)
+    """Apply strategy `strategy` to the run's model (freeze, add modules). An init from data
+    (LoRA's init=eva|corda) reads the run's training batches, in the order training draws them."""
+    calibration = r.blocks.batches(r.cfg.batch_size, r.cfg.seed)  # lazy: drawn only by a method that asks
+    r.prepared = methods.prepare(r.loaded.model, strategy, r.loaded.tokenizer, calibration=calibration)
     return r
 
 

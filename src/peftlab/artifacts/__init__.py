@@ -29,8 +29,8 @@ def save(model, prepared, folder, name: str = "default", base_model: str = "", e
     with distributed.whole_model(model):
         if distributed.is_main():
             with atomic_dir(folder) as tmp:
-                if hf.expressible(prepared.steps, model) and not prepared.unfreeze_at:
-                    hf.save(model, prepared.steps, tmp, name, base_model)
+                if hf.expressible(prepared.saved, model) and not prepared.unfreeze_at:
+                    hf.save(model, prepared.saved, tmp, name, base_model)
                 else:
                     native.save(model, prepared, tmp, base_model, extra)
     distributed.barrier()

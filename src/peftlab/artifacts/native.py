@@ -55,11 +55,6 @@ def trained_tensors(model, prepared) -> dict:
     return {n: t.to("cpu", torch.float32).contiguous() for n, t in sorted(out.items())}
 
 
-def saved_steps(steps: list) -> list:
-    """Steps as saved: a method may record other options for what it stores (a folded prefix)."""
-    return [Step(s.method, s.options | (REGISTRY[s.method].saved_as or {})) for s in steps]
-
-
 def renamed(steps: list, name: str) -> list:
     """Give every method that takes a `name` the adapter name `name`."""
     return [Step(s.method, s.options | {"name": name}) if "name" in REGISTRY[s.method].options else s for s in steps]
@@ -75,7 +70,7 @@ def save(model, prepared, folder: Path, base_model: str = "", extra: dict | None
 
     tensors = trained_tensors(model, prepared)
     write_tensors(folder / TENSORS, tensors)
-    steps = saved_steps(prepared.steps)
+    steps = prepared.saved  # a method may record other options for what it stores (a folded prefix, an init from data)
     write_json(folder / CONFIG, {
         "format": "peftlab", "version": 1, "strategy": "/".join(map(str, steps)),
         "architecture": model.config.model_type, "base_model": base_model,

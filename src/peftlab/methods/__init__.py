@@ -27,6 +27,7 @@ class Prepared:
 
     steps: list
     training: list = field(default_factory=list)  # [Training], in step order
+    saved: list = field(default_factory=list)  # the steps as an adapter records them (saved_as applied)
 
     @property
     def spec(self) -> str:
@@ -56,11 +57,13 @@ def parse_strategy(spec: str) -> list[Step]:
     return parse(spec, REGISTRY)
 
 
-def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
+def prepare(model: nn.Module, spec: str, tokenizer=None, calibration=None) -> Prepared:
     """Apply strategy `spec` to `model` in place: freeze everything, then apply each method.
 
-    `tokenizer` reaches methods that ask for it (prompt tuning's text init). The first call on
-    a model records its base fingerprint (peftlab.fingerprint), before anything changes it.
+    `tokenizer` reaches methods that ask for it (prompt tuning's text init), `calibration`
+    (batches: id tensors, (ids, labels) pairs or dicts, see methods/calibration.py) those that
+    initialise from data (LoRA's init=eva, init=corda). The first call on a model records its
+    base fingerprint (peftlab.fingerprint), before anything changes it.
     """
     steps = parse_strategy(spec)
     record_base(model)
@@ -71,8 +74,8 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
     for step in steps:
         method = REGISTRY[step.method]
         opts = {k: o.default for k, o in method.options.items()} | step.options
-        if "tokenizer" in inspect.signature(method.apply).parameters:
-            opts["tokenizer"] = tokenizer
+        asks = inspect.signature(method.apply).parameters
+        opts |= {k: v for k, v in (("tokenizer", tokenizer), ("calibration", calibration)) if k in asks}
         before = {id(m) for m in model.modules()}
         training = method.apply(model, **opts)
         for m in model.modules():
@@ -84,6 +87,8 @@ def prepare(model: nn.Module, spec: str, tokenizer=None) -> Prepared:
                 raise TypeError(f"method {step.method} returned {type(training).__name__}; apply returns a Training or None")
             training.method = step.method  # how messages name it
             prepared.training.append(training)
+        saved_as = (method.saved_as or {}) | (training.saved_as if training is not None else {})
+        prepared.saved.append(Step(step.method, step.options | saved_as))
     if not trainable_parameters(model) and 0 not in prepared.unfreeze_at:
         raise UserError(f"strategy '{spec}' leaves nothing to train on this model")
     return prepared

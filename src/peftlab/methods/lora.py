@@ -8,10 +8,12 @@ Trainable per target: r(m+n), plus m for DoRA, plus m for `lora_bias` (b_B, zero
 matches a module path when the path ends in it after a dot).
 
 `target_parameters` (peft's name) puts LoRA on parameters rather than layers — a mixture of
-experts' stacked expert weights, one update per expert (parameters.py). Inits: see init_delta.
+experts' stacked expert weights, one update per expert (parameters.py). Inits: see init_delta;
+the two that read data first (eva.py, corda.py) save as the plain LoRA they amount to.
 """
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -21,9 +23,11 @@ from ..errors import UserError
 from ..mixing import mix
 from ..spec import Option, Step
 from .attach import attach
+from .corda import corda_factors, covariances
+from .eva import eva_init
 from .lowrank import LORA_FIELDS, check_ranks, loftq, pattern_value, read_patterns
 from .parameters import ParamDelta, param_post_hook, param_pre_hook, parameter_hosts
-from .protocol import Added
+from .protocol import Added, Training
 from .registry import PeftCodec, register
 from .targets import (EXCLUDE_HELP, REGEX_HELP, TARGETS_HELP, base_weight, dims, peft_targets, pick_targets, target_options,
                       write_weight)
@@ -43,6 +47,7 @@ class LoraDelta(Added):
         self.B = nn.Parameter(torch.zeros(d_out, r))
         self.B_bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.magnitude = None  # DoRA's (m,) vector, set by `make_dora`
+        self.initial = None  # CorDA: (A₀, B₀) its base gave up, W_res = W − s·B₀A₀ (see `stored`)
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = dropout
 
@@ -59,6 +64,15 @@ class LoraDelta(Added):
 
     def low_rank(self):
         return None if self.magnitude is not None else (self.scaling, self.B, self.A)
+
+    def stored(self) -> dict:
+        """As saved: when the base holds W − s·B₀A₀ (CorDA), the plain LoRA of rank 2r that gives
+        the same layer on the original base, s·[B, −B₀][A; A₀] = s·(BA − B₀A₀) (peft's conversion)."""
+        mine = dict(self.named_parameters())
+        if self.initial is not None:
+            A0, B0 = (t.to(self.A.device) for t in self.initial)
+            mine |= {"A": torch.cat([self.A, A0]), "B": torch.cat([self.B, -B0], 1)}
+        return mine
 
     def row_norm(self, layer: nn.Module, constant: bool = False) -> torch.Tensor:
         """‖W + s·BA‖ per output row, (m,) in fp32: DoRA's denominator (its forward, its init,
@@ -198,7 +212,13 @@ LORA_OPTIONS = dict(
     layers=Option(None, help="blocks: A-B, or indices joined with +"),
     rslora=Option(False, "bool", help="scale by alpha/sqrt(r)"),
     dora=Option(False, "bool", help="add DoRA's magnitude vector"),
-    init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa", "olora", "loftq")),
+    init=Option("kaiming", "choice", ("kaiming", "gaussian", "pissa", "olora", "loftq", "eva", "corda")),
+    calibration_batches=Option(32, "int", help="init=eva|corda: batches of data to read (EVA: at most)", low=1, high=100000),
+    eva_rho=Option(2.0, "float", help="init=eva: a layer's rank may grow to r·rho", low=1, high=1000),
+    eva_tau=Option(0.99, "float", help="init=eva: components have converged at this cosine similarity", low=0, high=1),
+    eva_whiten=Option(False, "bool", help="init=eva: divide A's rows by √singular values"),
+    eva_adjust=Option(True, "bool", help="init=eva: alpha follows a layer's new rank (s unchanged)"),
+    corda_method=Option("ipm", "choice", ("ipm", "kpm"), help="init=corda: adapt the largest (ipm) or smallest (kpm) part"),
     loftq_bits=Option(4, "int", help="init=loftq: quantize the base to 4 (NF4) or 8 bits", low=4, high=8),
     loftq_iter=Option(1, "int", help="init=loftq: alternating rounds", low=1, high=100),
     rank_pattern=Option((), "patterns", help="per-layer ranks: PATTERN=R joined with +", of="int"),
@@ -209,15 +229,25 @@ LORA_OPTIONS = dict(
     name=Option("default", help="adapter name"),
     seed=Option(0, "int", low=0),
 )
+DATA_INITS = ("calibration_batches", "eva_rho", "eva_tau", "eva_whiten", "eva_adjust", "corda_method")  # init=eva|corda's keys
 
 
 def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, dora, init, name, seed,
              rank_pattern=(), alpha_pattern=(), lora_bias=False, method="lora", exclude=None, target_parameters=(),
-             loftq_bits=4, loftq_iter=1):
+             loftq_bits=4, loftq_iter=1, calibration=None, calibration_batches=32, eva_rho=2.0, eva_tau=0.99,
+             eva_whiten=False, eva_adjust=True, corda_method="ipm"):
     """Attach LoRA (or DoRA) deltas named `name` to the chosen linear layers (`method`: the
-    strategy's name, for messages), and to the chosen parameters."""
+    strategy's name, for messages), and to the chosen parameters. With init=eva|corda, returns
+    the Training that says how the adapter is saved (the plain LoRA it amounts to)."""
     plan = lora_plan(model, method, r, targets, target_regex, layers, rank_pattern, alpha_pattern, alpha, exclude,
                      target_parameters)
+    if init == "corda" and dora:
+        raise UserError(f"{method}: init=corda takes plain LoRA (no dora): its saved form subtracts the initial update")
+    if init == "eva":
+        rows = eva_init(model, plan, calibration, eva_rho, eva_tau, eva_whiten, calibration_batches)
+        plan = [(p, layer, rows[p].shape[0], a * (rows[p].shape[0] / rr) if eva_adjust else a) for p, layer, rr, a in plan]
+    if init == "corda":
+        covs = covariances(model, {p: layer for p, layer, _, _ in plan}, calibration, calibration_batches)
     hosts = parameter_hosts(model, target_parameters, method)
     if hosts and (dropout or dora or lora_bias or init not in ("kaiming", "gaussian")):
         raise UserError(f"{method}: target_parameters takes plain LoRA (no dropout, dora, lora_bias or SVD/QR init), as peft's")
@@ -225,9 +255,20 @@ def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, do
         raise UserError(f"{method}: loftq_bits={loftq_bits}; LoftQ quantizes to 4 (NF4) or 8 bits")
     gen = torch.Generator().manual_seed(seed)
     for path, layer, rr, aa in plan:
+        if rr == 0:  # EVA gave its rank to other layers
+            continue
         d_in, d_out = dims(layer)
         delta = LoraDelta(d_in, d_out, rr, aa, dropout, rslora, lora_bias).to(layer.weight.device)
         init_delta(delta, layer, init, gen, loftq_bits, loftq_iter)
+        if init == "eva":
+            delta.A.data.copy_(rows[path])
+        if init == "corda":
+            with torch.no_grad():
+                A, B = corda_factors(layer, covs[path], rr, delta.scaling, corda_method)
+                delta.A.copy_(A)
+                delta.B.copy_(B)
+                write_weight(layer, base_weight(layer).float() - delta.delta_weight())
+                delta.initial = (A.detach().clone(), B.detach().clone())
         if dora:
             make_dora(delta, layer)
         attach(layer, name, delta)
@@ -237,6 +278,25 @@ def add_lora(model, r, alpha, dropout, targets, target_regex, layers, rslora, do
             for f in delta.factors.values():
                 f.A.uniform_(-1 / math.sqrt(f.A.shape[1]), 1 / math.sqrt(f.A.shape[1]), generator=gen)
         attach(host, name, delta.to(next(host.parameters()).device), param_pre_hook, pre=True, after=param_post_hook)
+    if init in ("eva", "corda"):
+        return as_saved(plan, r, 2 * r if alpha is None else alpha, rslora, exclude, doubled=init == "corda")
+
+
+def as_saved(plan: list, r: int, alpha: float, rslora: bool, exclude, doubled: bool) -> Training:
+    """What an init from data saves as: plain LoRA with the ranks and alphas it chose per layer
+    (EVA), or of twice the rank relative to the original base (CorDA, see LoraDelta.stored);
+    loading needs no data. `plan`: [(path, layer, rank, α)] as trained, rank 0 = no LoRA."""
+    grow = 2 if doubled else 1
+    lift = (2 ** 0.5 if rslora else 2) if doubled else 1  # keeps s = α/r (α/√r) at twice the rank
+    ranks = tuple(f"{p}={rr * grow}" for p, _, rr, _ in plan if rr and rr * grow != r * grow)
+    alphas = tuple(f"{p}={a * lift!r}" for p, _, rr, a in plan if rr and a * lift != alpha * lift)
+    dropped = [p for p, _, rr, _ in plan if rr == 0]
+    if dropped:
+        exclude = "|".join(([f"(?:{exclude})"] if exclude else []) + ["^(?:" + "|".join(map(re.escape, dropped)) + ")$"])
+    saved = Training()
+    saved.saved_as = {"init": "kaiming", "r": r * grow, "alpha": alpha * lift, "rank_pattern": ranks, "alpha_pattern": alphas,
+                      "exclude": exclude}
+    return saved
 
 
 # ---- peft's LoraConfig ------------------------------------------------------------------
@@ -296,12 +356,12 @@ LORA = PeftCodec("LORA", to_peft, from_peft, fields=LORA_FIELDS,
 
 
 @register("lora", examples=("lora:r=4", "lora:r=4,targets=all-linear,rslora=true", "lora:r=4,init=pissa"), peft=LORA, **LORA_OPTIONS)
-def lora(model, **opts):
+def lora(model, calibration=None, **opts):
     """Low-rank update W + (α/r)·BA on chosen linear layers; dora=true, rslora=true variants."""
-    add_lora(model, method="lora", **opts)
+    return add_lora(model, method="lora", calibration=calibration, **opts)
 
 
 @register("dora", examples=("dora:r=4",), peft=LORA.writer(), **LORA_OPTIONS)
-def dora(model, **opts):
+def dora(model, calibration=None, **opts):
     """LoRA direction plus a trainable magnitude per output feature."""
-    add_lora(model, method="dora", **(opts | {"dora": True}))
+    return add_lora(model, method="dora", calibration=calibration, **(opts | {"dora": True}))

@@ -27,8 +27,10 @@ class FasterB(Training):
 
 @register("loraplus", examples=("loraplus:r=4",), peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
           **{k: v for k, v in LORA_OPTIONS.items() if k != "dora"})
-def loraplus(model, ratio, **opts):
+def loraplus(model, ratio, calibration=None, **opts):
     """LoRA with B trained at ratio × the learning rate of A (LoRA+)."""
     before = {id(m) for m in model.modules()}
-    add_lora(model, dora=False, method="loraplus", **opts)
-    return FasterB([m for m in model.modules() if isinstance(m, Added) and id(m) not in before], ratio)
+    saved = add_lora(model, dora=False, method="loraplus", calibration=calibration, **opts)
+    faster = FasterB([m for m in model.modules() if isinstance(m, Added) and id(m) not in before], ratio)
+    faster.saved_as = saved.saved_as if saved else {}  # init=eva|corda: the plain LoRA it saves as
+    return faster

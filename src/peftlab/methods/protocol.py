@@ -33,6 +33,9 @@ ask which method made it):
                               so a resumed run continues bit for bit
     processes                 "any", "ddp" (state that needs whole tensors: not under FSDP) or
                               "one" (a single process)
+    saved_as                  options a saved adapter records in place of the step's own: an
+                              init from data (EVA, CorDA) resolved into the ranks it chose, so
+                              loading rebuilds the same shapes without the data
 """
 
 from typing import ClassVar
@@ -103,6 +106,7 @@ class Training:
 
     unfreeze_at: dict = {}
     processes: str = "any"
+    saved_as: dict = {}
     method: str = ""  # the strategy step that returned it (set by `prepare`)
 
     def start(self, model: nn.Module, steps: int) -> None:

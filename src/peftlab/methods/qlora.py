@@ -15,7 +15,7 @@ from ..components import is_conv1d
 from ..errors import UserError
 from ..spec import Option
 from .registry import register
-from .lora import LORA_OPTIONS, add_lora, lora_plan
+from .lora import DATA_INITS, LORA_OPTIONS, add_lora, lora_plan
 from .targets import linear_layers
 
 
@@ -54,7 +54,7 @@ def quantize_linear(linear: nn.Linear, bits: int) -> nn.Module:
                   "trains-its-own": "bitsandbytes repacks the frozen 4-bit weights for CPU on the first eval-mode forward "
                                     "(another layout), so raw tensors differ; test_method_bitfit_schedule_qlora.py "
                                     "checks that only LoRA's tensors train"},
-          bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias", "loftq_bits", "loftq_iter")})
+          bits=Option(4, "int", help="4 (NF4) or 8", low=4, high=8), **{k: v for k, v in LORA_OPTIONS.items() if k not in ("dora", "init", "lora_bias", "loftq_bits", "loftq_iter", *DATA_INITS)})
 def qlora(model, bits, **opts):
     """Quantize the frozen base (int8 or NF4) and train LoRA on top."""
     if bits not in (4, 8):
