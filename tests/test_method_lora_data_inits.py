@@ -163,7 +163,7 @@ def test_refusals_are_one_line():
         prepare(load_model("tiny-llama").model, "lora:init=corda,dora=true", calibration=calibration("tiny-llama"))
     with pytest.raises(UserError, match=r"components need 2×40 ≤ the 64 inputs .* lower r or eva_rho"):
         prepare(load_model("tiny-llama").model, "lora:r=20,init=eva", calibration=calibration("tiny-llama"))
-    with pytest.raises(UserError, match=r"still moved after 3 calibration batches; raise calibration="):
+    with pytest.raises(UserError, match=r"still moved after 3 calibration batches; raise calibration_batches="):
         prepare(load_model("tiny-llama").model, "lora:r=2,init=eva,eva_tau=1,calibration_batches=3",
                 calibration=calibration("tiny-llama"))
     with pytest.raises(UserError, match="calibration data holds no batch"):

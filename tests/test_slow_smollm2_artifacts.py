@@ -70,3 +70,27 @@ def test_tied_smollm2_keeps_its_trained_output_layer_through_save_load_and_merge
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
     assert not torch.equal(merged.get_output_embeddings().weight, base_head)  # the trained head survived
     torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_inits_from_data_train_on_smollm2_and_peft_loads_them_on_the_original_base(init, tmp_path):
+    """init=eva / init=corda read the run's own training batches, train, and save as plain LoRA
+    relative to the original SmolLM2 (CorDA changed the base it trained on): peft loads the
+    folder onto the untouched model with the trained model's logits."""
+    need_assets("smollm2-135m", "moby-dick")
+    from peft import PeftModel
+
+    from peftlab import load_model, run
+    from peftlab.config import TrainConfig
+
+    r = run.load("smollm2-135m", "moby-dick", TrainConfig(steps=3, seq_len=64, batch_size=2, lr=1e-3), show=False)
+    run.prepare(r, f"lora:r=8,init={init},calibration_batches={32 if init == 'eva' else 4},eva_tau=0.9")
+    run.fit(r, show=False)
+    folder = run.save(r, tmp_path / "adapter", show=False)
+    ids = torch.tensor([r.loaded.encode("Call me Ishmael. Some years ago")])
+    want = r.model(input_ids=ids).logits
+    original = load_model("smollm2-135m")
+    base = original.model(input_ids=ids).logits
+    theirs = PeftModel.from_pretrained(original.model, str(folder))
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+    assert (want - base).abs().max() > 1e-3

@@ -54,6 +54,9 @@ CASES = {
     "schedule": ["-s", "schedule:mlp=0,attention=5", "--steps", 8],  # attention unfreezes after the kill
     # killed while the rank budget falls (steps 2-5); its scores and masks must come back
     "adalora": ["-s", "adalora:r=4,target_r=2,tinit=1,tfinal=2", "--steps", 8],
+    # inits from the training data: a resume reads the same batches and rebuilds the same start
+    "eva": ["-s", "lora:r=4,init=eva,eva_tau=0.9", "--steps", 6],
+    "corda": ["-s", "lora:r=4,init=corda,calibration_batches=4", "--steps", 6],
 }
 
 

@@ -134,7 +134,7 @@ def eva_init(model, plan: list, calibration, rho: float, tau: float, whiten: boo
         if used == limit:
             left = sum(not d for d in done.values())
             raise UserError(f"lora init=eva: {left} of {len(done)} layers' components still moved after {limit} "
-                            f"calibration batches; raise calibration= (or lower eva_tau={tau})")
+                            f"calibration batches; raise calibration_batches= (or lower eva_tau={tau})")
         run_hooked(model, {p: layers[p] for p in pcas if not done[p]}, batches[used % len(batches)], fit)
         if all(pca.components is not None for pca in pcas.values()):
             counts = _ranks(pcas, shared, owner, budget, most)
