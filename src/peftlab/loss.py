@@ -20,8 +20,9 @@ IGNORE = -100
 
 
 def _chunk(h, w, targets, softcap, want_grad=True):
-    """Summed loss of one chunk and d(loss)/d(logits) (None unless `want_grad`).
-    h: (c, d), w: (V, d), targets: (c,)."""
+    """Summed loss of one chunk and d(loss)/d(logits) in h's dtype (None unless `want_grad`).
+    h: (c, d), w: (V, d), targets: (c,). The softmax is taken in fp32 and cast once at the
+    end: compiled, that cast is part of the same pass (no (c, V) fp32 tensor is written)."""
     logits = F.linear(h, w).float()  # (c, V) fp32
     if softcap:
         capped = torch.tanh(logits / softcap)
@@ -31,11 +32,13 @@ def _chunk(h, w, targets, softcap, want_grad=True):
     loss = (lse - logits[rows, targets]).sum()
     if not want_grad:  # evaluation: no softmax pass
         return loss, None
-    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-    grad[rows, targets] -= 1
+    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+    # softmax − one-hot as one elementwise expression (an indexed -= 1 would make a compiled
+    # chunk write the fp32 softmax out before the cast)
+    grad = torch.where(torch.arange(p.shape[1], device=p.device) == targets[:, None], p - 1, p)
     if softcap:
-        grad.mul_(1 - capped.square_())  # d(softcap·tanh(z/softcap))/dz
-    return loss, grad
+        grad = grad * (1 - capped.square())  # d(softcap·tanh(z/softcap))/dz
+    return loss, grad.to(h.dtype)
 
 
 _compiled_chunk = None
@@ -70,19 +73,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += loss
             if want_w:
                 grad = grad_logits[part].copy_(grad)
-            elif want_h:
-                grad = grad.to(h.dtype)
             if want_h:
                 torch.mm(grad, w, out=grad_h[part])  # (c, V) @ (V, d)
-        grad_w = (grad_logits.t() @ h).to(weight.dtype) if want_w else None  # (V, n) @ (n, d)
-        ctx.save_for_backward(grad_h, grad_w)
+        # The head's gradient waits for backward, where the incoming scale is known: scaling h
+        # (n, d) there costs n·d, scaling the (V, d) product would cost V·d (V ≫ n on a vocabulary).
+        ctx.save_for_backward(grad_h, grad_logits, h if want_w else None)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_logits, h = ctx.saved_tensors
+        grad_w = None
+        if grad_logits is not None:  # (V, n) @ (n, d)
+            grad_w = torch.mm(grad_logits.t(), h * grad_total.to(h.dtype)).to(ctx.weight_dtype)
         return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
+                grad_w, None, None, None, None, None)
 
 
 def hidden_states(model, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
