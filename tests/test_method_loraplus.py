@@ -28,6 +28,16 @@ def test_b_gets_ratio_times_the_learning_rate():
     assert all(names[id(p)].endswith(".B") for p in groups[1]["params"])
 
 
+def test_expert_parameters_b_gets_the_ratio_too():
+    """With target_parameters (MoE experts' stacked weights) each expert LoRA's B is faster too."""
+    model = load_model("tiny-mixtral").model
+    prepared = prepare(model, "loraplus:r=2,ratio=4,targets=q_proj,target_parameters=experts.gate_up_proj")
+    scales = prepared.lr_scales(model)
+    trained = trainable_parameters(model)
+    assert {n for n in trained if n.endswith(".B")} == set(scales) and set(scales.values()) == {4.0}
+    assert any(".factors.gate_up_proj.B" in n for n in scales) and any(n.endswith("q_proj.lora.default.B") for n in scales)
+
+
 def test_one_training_step_moves_b_by_ratio_times_lora(text_file):
     """AdamW's first step moves each entry by ≈ lr: B's step under LoRA+ is ratio × LoRA's."""
     moved = {}

@@ -21,8 +21,9 @@ class FasterB(Training):
         self.modules, self.ratio = modules, ratio
 
     def lr_scales(self, model) -> dict:
-        mine = {id(m) for m in self.modules}
-        return {f"{path}.B": self.ratio for path, m in model.named_modules() if id(m) in mine}
+        mine = {id(m) for m in self.modules}  # every B: a layer's, and each expert parameter's (factors.<name>.B)
+        return {f"{path}.{n}": self.ratio for path, m in model.named_modules() if id(m) in mine
+                for n, _ in m.named_parameters() if n.rsplit(".", 1)[-1] == "B"}
 
 
 @register("loraplus", examples=("loraplus:r=4",), peft=LORA.writer(), ratio=Option(16.0, "float", help="learning-rate ratio lr(B) / lr(A)", low=1),
