@@ -170,3 +170,15 @@ def test_refusals_are_one_line():
         prepare(load_model("tiny-llama").model, "lora:init=corda", calibration=[])
     with pytest.raises(UserError, match="a calibration batch should be"):
         prepare(load_model("tiny-llama").model, "lora:init=corda", calibration=["text"])
+
+
+def test_after_prompt_tuning_the_virtual_positions_count():
+    """A step that prepends virtual tokens (prompt tuning) before an init from data: the layers
+    see k more positions than the batch has; they take part, and nothing breaks."""
+    batches = calibration("tiny-llama")
+    model = load_model("tiny-llama").model
+    prepare(model, "prompt:tokens=3/lora:r=2,init=corda,calibration_batches=2", calibration=batches)
+    model2 = load_model("tiny-llama").model
+    prepare(model2, "prompt:tokens=3/lora:r=2,init=eva,eva_tau=0.9", calibration=batches)
+    assert list(attached(model, "lora")) and list(attached(model2, "lora"))
+

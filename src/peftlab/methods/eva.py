@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .calibration import run_hooked, take
+from .targets import dims
 
 
 class IncrementalPCA:
@@ -92,7 +93,7 @@ def eva_init(model, plan: list, calibration, rho: float, tau: float, whiten: boo
     most = {path: round(r * rho) for path, _, r, _ in plan}
     budget = sum(r for _, _, r, _ in plan)
     for path, layer, r, _ in plan:
-        n = layer.weight.shape[0 if type(layer).__name__ == "Conv1D" else 1]
+        n = dims(layer)[0]
         if 2 * most[path] > n:
             raise UserError(f"lora init=eva: r·eva_rho = {most[path]} components need 2×{most[path]} ≤ the {n} inputs "
                             f"of {path}; lower r or eva_rho")
