@@ -134,3 +134,32 @@ def test_a_schedule_is_refused_under_the_trainer(tmp_path):
     prepared = prepare(loaded.model, "schedule:mlp=0,attention=2")
     with pytest.raises(UserError, match="unfreezes parameters mid-run"):
         adapter_trainer(Trainer)(model=loaded.model, args=args(tmp_path), prepared=prepared, train_dataset=[])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_method_loss_term_is_added_under_the_trainer(tmp_path, text_file, accum):
+    """A strategy step's loss term (Training.loss) joins the Trainer's loss once per optimizer
+    step whatever the gradient accumulation: a constant term of 10 leaves training unchanged and
+    raises every logged loss by exactly 10."""
+    from transformers import Trainer
+
+    from peftlab.methods.protocol import Training
+
+    class Constant(Training):
+        def loss(self, model):
+            return torch.tensor(10.0)
+
+    logged = []
+    for term in (False, True):
+        loaded = load_model("tiny-llama")
+        prepared = prepare(loaded.model, "lora:r=4")
+        if term:
+            prepared.training.append(Constant())
+        trainer = adapter_trainer(Trainer)(model=loaded.model, train_dataset=rows(loaded, text_file), prepared=prepared,
+                                           args=args(tmp_path / str(term), max_steps=3, save_steps=10,
+                                                     per_device_train_batch_size=4 // accum,
+                                                     gradient_accumulation_steps=accum))
+        trainer.train()
+        logged.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(logged[0]) == 3
+    assert logged[1] == pytest.approx([x + 10 for x in logged[0]], abs=1e-3)
