@@ -60,7 +60,7 @@ def run_hooked(model: nn.Module, layers: dict, batch: dict, seen) -> None:
         def pre(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
             extra = x.shape[1] - keep.shape[1]  # virtual tokens an earlier step put in front (prompt tuning)
-            seen(path, x.detach(), torch.cat([keep.new_ones(keep.shape[0], extra), keep], 1) if extra > 0 else keep)
+            seen(path, x, torch.cat([keep.new_ones(keep.shape[0], extra), keep], 1) if extra > 0 else keep)
         return pre
 
     handles = [layer.register_forward_pre_hook(hook_for(path), with_kwargs=True) for path, layer in layers.items()]

@@ -98,15 +98,18 @@ def eva_init(model, plan: list, calibration, rho: float, tau: float, whiten: boo
             raise UserError(f"lora init=eva: r·eva_rho = {most[path]} components need 2×{most[path]} ≤ the {n} inputs "
                             f"of {path}; lower r or eva_rho")
     batches = take(calibration, limit, "lora init=eva")
-    rows = {}
+    rows, taken = {}, {}  # taken: id(input tensor) -> (it, its kept rows), so q, k, v share one copy
 
     def flat(path, x, keep):  # (tokens kept, n), in peft's order (batch-major)
-        rows[path] = x[keep].float()
+        if id(x) not in taken:
+            taken[id(x)] = (x, x[keep].float())  # holding x keeps its id from being reused in this pass
+        rows[path] = taken[id(x)][1]
 
     run_hooked(model, layers, batches[0], flat)
+    taken.clear()
     groups = {}  # first layer seen with an input -> every layer with that same input (q, k, v)
     for p in layers:
-        first = next((q for q in groups if torch.equal(rows[q], rows[p])), p)
+        first = next((q for q in groups if rows[q] is rows[p] or torch.equal(rows[q], rows[p])), p)
         groups.setdefault(first, []).append(p)
     shared = {m: first for first, members in groups.items() for m in members[1:]}  # this layer -> the PCA's owner
     for members in groups.values():
