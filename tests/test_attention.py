@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from peftlab import attention, models
 
 
-@pytest.mark.parametrize("heads,kv_heads,T", [(4, 4, 33), (9, 3, 64), (6, 2, 7)])
+@pytest.mark.parametrize("heads,kv_heads,T", [(4, 4, 33), (9, 3, 64), (6, 2, 7), (9, 3, 300), (4, 2, 1030)])
 def test_causal_attention_equals_sdpa(heads, kv_heads, T):
+    """One block (T ≤ 128), three blocks with a short last one (300), four uneven ones (1030)."""
     g = torch.Generator().manual_seed(heads * T)
     q, k, v = (torch.randn(2, h, T, 16, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads))
     d_out = torch.randn(2, heads, T, 16, generator=g)
