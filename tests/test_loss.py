@@ -84,3 +84,72 @@ def test_evaluation_of_a_trained_head_builds_no_gradients(monkeypatch):
     asked.clear()
     loss_mod.causal_lm_loss(loaded.model, ids, ids).backward()
     assert asked and all(asked)
+
+
+def _kernel_or_skip():
+    from peftlab import kernels
+
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler: the torch chunks run instead")
+    assert kernels.load() is not None, "a C++ compiler is present but the kernels did not build"
+    return kernels
+
+
+@pytest.mark.parametrize("rows,vocab", [(5, 37), (64, 1000), (3, 4099)])
+def test_softmax_xent_kernel_equals_torch(rows, vocab):
+    """The in-place kernel: per-row losses as an fp64 reference, the gradient as `_chunk`'s
+    bf16 gradient (its vector exp may differ from torch's in the last bit of a rare element)."""
+    from peftlab.loss import _chunk
+
+    kernels = _kernel_or_skip()
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 16, generator=g).to(torch.bfloat16)
+    w = (3 * torch.randn(vocab, 16, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    logits = (h @ w.t()).contiguous()
+    exact = torch.logsumexp(logits.double(), -1) - logits.double()[torch.arange(rows), targets]
+    _, ref_grad = _chunk(h, w, targets, None)
+    losses = kernels.softmax_xent(logits, targets)
+    torch.testing.assert_close(losses.double(), exact, atol=1e-5, rtol=1e-5)
+    ulps = (logits.view(torch.int16).int() - ref_grad.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps > 0).float().mean() < 1e-3
+
+
+def test_softmax_xent_kernel_marks_non_finite_rows_and_leaves_bad_targets_to_torch():
+    kernels = _kernel_or_skip()
+    logits = torch.randn(3, 50).to(torch.bfloat16)
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    losses = kernels.softmax_xent(logits, torch.zeros(3, dtype=torch.long))
+    assert losses[0].isfinite() and losses[1:].isnan().all()
+    assert logits[1:].float().isnan().all() and logits[0].float().isfinite().all()
+    before = torch.randn(2, 50).to(torch.bfloat16)
+    kept = before.clone()
+    assert kernels.softmax_xent(before, torch.tensor([0, 50])) is None  # out of the vocabulary: torch's error
+    assert torch.equal(before, kept)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_bf16_loss_takes_the_kernel_and_equals_the_torch_chunks(train_head, monkeypatch):
+    """The compiled path (fused) in bf16 runs the kernel on every chunk, the last short one
+    included, and gives the loss and gradients of the uncompiled chunks."""
+    kernels = _kernel_or_skip()
+    calls = []
+    real = kernels.softmax_xent
+    monkeypatch.setattr(kernels, "softmax_xent", lambda z, t: calls.append(len(t)) or real(z, t))
+    model = models.load("tiny-llama").model.to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        p.requires_grad_(train_head or "embed" not in n and "lm_head" not in n)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, ids, ids, chunk=16, fused=fused)
+        loss.backward()
+        results.append((loss.float(), _grads(model)))
+    assert calls == [16] * 7 + [5]  # 3 · 39 positions in chunks of 16
+    (ref_loss, ref), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref.keys() and any("embed" in n for n in grads) == train_head
+    for n in ref:
+        assert (grads[n].float() - ref[n].float()).norm() <= 1e-2 * ref[n].float().norm() + 1e-6, n

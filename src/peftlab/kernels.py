@@ -1,5 +1,10 @@
 """CPU kernels that torch has no single op for, built once with the system's C++ compiler.
 
+`softmax_xent`: the chunked loss's (loss.py) per-row cross-entropy and its gradient on bf16
+logits, in place: per row one pass for the max, one for Σ exp, one that overwrites the logits
+with softmax − one-hot (fp32 arithmetic, bf16 rounded to nearest even as torch casts). A row
+(V bf16) stays in L2 between the passes, and no (c, V) fp32 tensor or new buffer is made.
+
 `compensated_adamw`: the compensated bf16 AdamW step of one tensor (optim.py states the
 arithmetic) as one loop over its elements: read g, w, m, v, c (bf16), compute in fp32
 registers, write w, m, v, c — 18 bytes of memory traffic per weight, no temporaries. The
@@ -61,6 +66,87 @@ extern "C" void compensated_adamw(uint16_t* w, const uint16_t* g, uint16_t* m, u
         w[i] = nw;
     }
 }
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 bf16x16(__m512i widened) { return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16)); }
+static inline __m512i load16(const uint16_t* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void store_bf16x16(uint16_t* p, __m512 f) {  /* round to nearest even (finite values) */
+    __m512i u = _mm512_castps_si512(f);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+/* e^x for x <= 0: Cephes' expf (x = n·ln2 + r, a degree-7 polynomial in r, times 2^n) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  /* e^-104 is below the smallest float */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
+/* Rows [row0, row1) of z (rows × V, bf16): loss[r] = logsumexp(z_r) − z_r[t_r], z_r becomes
+   softmax(z_r) − one-hot(t_r). A row with an inf or NaN gets loss NaN and a NaN gradient. */
+extern "C" void softmax_xent(uint16_t* z, const int64_t* targets, float* loss, int64_t row0, int64_t row1, int64_t V) {
+    for (int64_t r = row0; r < row1; r++) {
+        uint16_t* x = z + r * V;
+        int64_t j = 0;
+        float mx = -INFINITY, s = 0.0f;
+        int bad = 0;
+#ifdef __AVX512F__
+        const __m512i exponent = _mm512_set1_epi32(0x7F80);
+        __m512 vmx = _mm512_set1_ps(-INFINITY);
+        __mmask16 vbad = 0;
+        for (; j + 16 <= V; j += 16) {
+            __m512i w = load16(x + j);
+            vbad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(w, exponent), exponent);
+            vmx = _mm512_max_ps(vmx, bf16x16(w));
+        }
+        bad = vbad != 0;
+        mx = _mm512_reduce_max_ps(vmx);
+#endif
+        for (; j < V; j++) {
+            bad |= (x[j] & 0x7F80) == 0x7F80;
+            float f = from_bf16(x[j]);
+            mx = f > mx ? f : mx;
+        }
+        if (bad) {
+            loss[r] = NAN;
+            for (j = 0; j < V; j++) x[j] = 0x7FC0;
+            continue;
+        }
+        j = 0;
+#ifdef __AVX512F__
+        const __m512 vm = _mm512_set1_ps(mx);
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (; j + 32 <= V; j += 32) {
+            s0 = _mm512_add_ps(s0, exp16(_mm512_sub_ps(bf16x16(load16(x + j)), vm)));
+            s1 = _mm512_add_ps(s1, exp16(_mm512_sub_ps(bf16x16(load16(x + j + 16)), vm)));
+        }
+        for (; j + 16 <= V; j += 16) s0 = _mm512_add_ps(s0, exp16(_mm512_sub_ps(bf16x16(load16(x + j)), vm)));
+        s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#endif
+        for (; j < V; j++) s += expf(from_bf16(x[j]) - mx);
+        const float lse = mx + logf(s), target = from_bf16(x[targets[r]]);
+        loss[r] = lse - target;
+        j = 0;
+#ifdef __AVX512F__
+        const __m512 vl = _mm512_set1_ps(lse);
+        for (; j + 16 <= V; j += 16) store_bf16x16(x + j, exp16(_mm512_sub_ps(bf16x16(load16(x + j)), vl)));
+#endif
+        for (; j < V; j++) x[j] = to_bf16(expf(from_bf16(x[j]) - lse));
+        x[targets[r]] = to_bf16(expf(target - lse) - 1.0f);
+    }
+}
 """
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-x", "c++"]
 _lock = threading.Lock()
@@ -119,14 +205,27 @@ def _build():
             if tmp.exists():
                 tmp.unlink()
     lib = ctypes.CDLL(str(target))
-    f = lib.compensated_adamw
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 7
+    lib.compensated_adamw.restype = lib.softmax_xent.restype = None
+    lib.compensated_adamw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 7
+    lib.softmax_xent.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     return lib
 
 
 _pool: dict = {}
 CHUNK = 1 << 16  # below this many weights one thread does it all
+
+
+def _parallel(f, n: int, min_part: int, *args) -> None:
+    """f(start, stop, *args) over [0, n), split across torch's threads in parts of at least
+    `min_part` (ctypes releases the GIL: the parts run at once)."""
+    threads = max(1, min(torch.get_num_threads(), n // max(1, min_part)))
+    if threads == 1:
+        f(0, n, *args)
+        return
+    pool = _pool.get(threads) or _pool.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="peftlab-kernel"))
+    bounds = [n * i // threads for i in range(threads + 1)]
+    for done in [pool.submit(f, a, b, *args) for a, b in zip(bounds, bounds[1:])]:
+        done.result()
 
 
 def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale=1.0) -> bool:
@@ -138,14 +237,26 @@ def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b
     lib = load()
     if lib is None:
         return False
-    n, ptrs = w.numel(), [t.data_ptr() for t in tensors]
     args = (ctypes.c_uint32(key), *(ctypes.c_float(float(x)) for x in (step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale)))
-    threads = max(1, min(torch.get_num_threads(), n // CHUNK))
-    if threads == 1:
-        lib.compensated_adamw(*ptrs, 0, n, *args)
-        return True
-    pool = _pool.get(threads) or _pool.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="peftlab-kernel"))
-    bounds = [n * i // threads for i in range(threads + 1)]
-    for f in [pool.submit(lib.compensated_adamw, *ptrs, a, b, *args) for a, b in zip(bounds, bounds[1:])]:
-        f.result()  # ctypes releases the GIL: the parts run at once
+    _parallel(lambda a, b: lib.compensated_adamw(*(t.data_ptr() for t in tensors), a, b, *args), w.numel(), CHUNK)
     return True
+
+
+def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Per-row cross-entropy of (c, V) bf16 logits against (c,) int64 targets, as (c,) fp32;
+    the logits become d(loss)/d(logits) = softmax − one-hot, in place. None where the kernel
+    is not available or the inputs do not qualify (the caller takes torch's way)."""
+    if not (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.is_contiguous()
+            and targets.dtype == torch.int64 and targets.shape == logits.shape[:1]):
+        return None
+    rows, vocab = logits.shape
+    if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        return None  # torch's indexing says what is wrong
+    lib = load()
+    if lib is None:
+        return None
+    targets = targets.contiguous()
+    loss = torch.empty(rows, dtype=torch.float32)
+    _parallel(lambda a, b: lib.softmax_xent(logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), a, b, vocab),
+              rows, max(1, CHUNK // max(1, vocab)))
+    return loss

@@ -41,6 +41,18 @@ def _chunk(h, w, targets, softcap, want_grad=True):
     return loss, grad.to(h.dtype)
 
 
+def _chunk_in_place(h, w, targets, out):
+    """`_chunk`'s work with the built kernel: the (c, V) logits into `out` (bf16), which
+    becomes their gradient; returns the (c,) per-position losses, or None where the kernel is
+    not available (nothing returned is then used)."""
+    from . import kernels
+
+    if kernels.load() is None:
+        return None
+    torch.mm(h, w.t(), out=out)
+    return kernels.softmax_xent(out, targets)
+
+
 _compiled_chunk = None
 
 
@@ -67,12 +79,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         # faster than a product and an fp32 sum per chunk.
         grad_logits = torch.empty(len(targets), w.shape[0], dtype=h.dtype, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # fused, bf16 on the CPU: kernels.softmax_xent turns each chunk's logits into their
+        # gradient in place, in one (c, V) bf16 buffer (a trained head's rows of grad_logits)
+        in_place = fused and not softcap and (want_h or want_w) and h.dtype == torch.bfloat16 and h.device.type == "cpu"
+        buffer = None if want_w or not in_place else torch.empty(min(chunk, len(targets)), w.shape[0], dtype=h.dtype)
         for i in range(0, len(targets), chunk):
             part = slice(i, i + chunk)
-            loss, grad = (compiled_chunk() if fused else _chunk)(h[part], w, targets[part], softcap, want_h or want_w)
+            grad = grad_logits[part] if want_w else buffer[: len(targets[part])] if in_place else None
+            rows = _chunk_in_place(h[part], w, targets[part], grad) if in_place else None
+            if rows is not None:
+                loss = rows.sum()
+            else:
+                loss, grad = (compiled_chunk() if fused else _chunk)(h[part], w, targets[part], softcap, want_h or want_w)
+                if want_w:
+                    grad = grad_logits[part].copy_(grad)
             total += loss
-            if want_w:
-                grad = grad_logits[part].copy_(grad)
             if want_h:
                 torch.mm(grad, w, out=grad_h[part])  # (c, V) @ (V, d)
         # The head's gradient waits for backward, where the incoming scale is known: scaling h
