@@ -94,6 +94,16 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+/* 1 where softmax_xent runs on 16-wide vectors; its scalar loops (libm expf) are slower than
+   torch's compiled chunks, and the caller then takes those. */
+extern "C" int softmax_xent_vectorized(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Rows [row0, row1) of z (rows × V, bf16): loss[r] = logsumexp(z_r) − z_r[t_r], z_r becomes
    softmax(z_r) − one-hot(t_r). A row with an inf or NaN gets loss NaN and a NaN gradient. */
 extern "C" void softmax_xent(uint16_t* z, const int64_t* targets, float* loss, int64_t row0, int64_t row1, int64_t V) {
@@ -208,6 +218,7 @@ def _build():
     lib.compensated_adamw.restype = lib.softmax_xent.restype = None
     lib.compensated_adamw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 7
     lib.softmax_xent.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.softmax_xent_vectorized.restype = ctypes.c_int
     return lib
 
 
@@ -245,7 +256,8 @@ def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b
 def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """Per-row cross-entropy of (c, V) bf16 logits against (c,) int64 targets, as (c,) fp32;
     the logits become d(loss)/d(logits) = softmax − one-hot, in place. None where the kernel
-    is not available or the inputs do not qualify (the caller takes torch's way)."""
+    is not available (no compiler, no AVX-512) or the inputs do not qualify (the caller takes
+    torch's way)."""
     if not (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.is_contiguous()
             and targets.dtype == torch.int64 and targets.shape == logits.shape[:1]):
         return None
@@ -253,7 +265,7 @@ def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | 
     if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         return None  # torch's indexing says what is wrong
     lib = load()
-    if lib is None:
+    if lib is None or not lib.softmax_xent_vectorized():
         return None
     targets = targets.contiguous()
     loss = torch.empty(rows, dtype=torch.float32)
