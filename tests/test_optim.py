@@ -1,6 +1,8 @@
 """--master-weights bf16-compensated: bf16 trained weights with Kahan-compensated AdamW
 updates and stochastically rounded bf16 moments, against fp32 master weights."""
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,23 @@ def test_compensation_starts_from_the_exact_fp32_weights(text_file):
     for name, p in trainable_parameters(loaded.model).items():
         whole = p.detach().float() + seen["opt"].state[p]["compensation"].float()
         assert (whole - start[name]).abs().max() <= start[name].abs().max() * 2 ** -15, name
+
+
+def test_total_norm_is_the_exact_norm_and_falls_back_to_torch():
+    """Clipping's norm: the float64 norm of bf16 and fp32 gradients of any size (split across
+    threads at 3·CHUNK + 5 elements); tensors the kernel does not take go to torch whole."""
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler: torch's norm runs")
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g).to(dt) for n, dt in
+             [(1, torch.bfloat16), (37, torch.float32), (0, torch.bfloat16), (3 * kernels.CHUNK + 5, torch.bfloat16),
+              (4099, torch.float32)]]
+    exact = math.sqrt(sum(float(t.double().square().sum()) for t in grads))
+    assert float(optim.total_norm(grads)) == pytest.approx(exact, rel=1e-6)
+    odd = [grads[1], torch.randn(8, 4, generator=g).t(), torch.randn(5, generator=g).half()]  # strided, fp16
+    for chosen in (odd[:2], odd[::2]):
+        assert torch.equal(optim.total_norm(chosen), torch.nn.utils.get_total_norm(chosen))
+    grads[3][17] = float("nan")
+    assert optim.total_norm(grads).isnan()
+    grads[3][17] = float("inf")
+    assert optim.total_norm(grads).isinf()

@@ -5,6 +5,9 @@ logits, in place: per row one pass for the max, one for Σ exp, one that overwri
 with softmax − one-hot (fp32 arithmetic, bf16 rounded to nearest even as torch casts). A row
 (V bf16) stays in L2 between the passes, and no (c, V) fp32 tensor or new buffer is made.
 
+`sum_squares`: Σ x² of all gradients, for clipping's total norm (one read at memory speed;
+torch's norm of a bf16 tensor runs at well under half of it here).
+
 `compensated_adamw`: the compensated bf16 AdamW step of one tensor (optim.py states the
 arithmetic) as one loop over its elements: read g, w, m, v, c (bf16), compute in fp32
 registers, write w, m, v, c — 18 bytes of memory traffic per weight, no temporaries. The
@@ -20,6 +23,7 @@ version.
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -93,6 +97,40 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 #endif
+
+/* Σ x² over elements [start, stop): float lanes per block of 4096 elements, blocks summed in
+   double (gradient clipping's norm: one read of each gradient, at memory speed) */
+#ifdef __AVX512F__
+#define SUM_SQUARES_BLOCKS(LOAD16)                                                          \
+    for (; i + 4096 <= stop; i += 4096) {                                                    \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                           \
+        for (int64_t j = i; j < i + 4096; j += 32) {                                         \
+            __m512 f0 = LOAD16(x + j), f1 = LOAD16(x + j + 16);                              \
+            a0 = _mm512_fmadd_ps(f0, f0, a0);                                                \
+            a1 = _mm512_fmadd_ps(f1, f1, a1);                                                \
+        }                                                                                    \
+        total += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                \
+    }
+static inline __m512 load_bf16_ps(const uint16_t* p) { return bf16x16(load16(p)); }
+#else
+#define SUM_SQUARES_BLOCKS(LOAD16)
+#endif
+
+extern "C" double sum_squares_bf16(const uint16_t* x, int64_t start, int64_t stop) {
+    double total = 0.0;
+    int64_t i = start;
+    SUM_SQUARES_BLOCKS(load_bf16_ps)
+    for (; i < stop; i++) { double f = from_bf16(x[i]); total += f * f; }
+    return total;
+}
+
+extern "C" double sum_squares_f32(const float* x, int64_t start, int64_t stop) {
+    double total = 0.0;
+    int64_t i = start;
+    SUM_SQUARES_BLOCKS(_mm512_loadu_ps)
+    for (; i < stop; i++) total += (double)x[i] * x[i];
+    return total;
+}
 
 /* 1 where softmax_xent runs on 16-wide vectors; its scalar loops (libm expf) are slower than
    torch's compiled chunks, and the caller then takes those. */
@@ -219,6 +257,8 @@ def _build():
     lib.compensated_adamw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32] + [ctypes.c_float] * 7
     lib.softmax_xent.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.softmax_xent_vectorized.restype = ctypes.c_int
+    for f in (lib.sum_squares_bf16, lib.sum_squares_f32):
+        f.restype, f.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
@@ -226,17 +266,15 @@ _pool: dict = {}
 CHUNK = 1 << 16  # below this many weights one thread does it all
 
 
-def _parallel(f, n: int, min_part: int, *args) -> None:
-    """f(start, stop, *args) over [0, n), split across torch's threads in parts of at least
+def _parallel(f, n: int, min_part: int) -> list:
+    """[f(start, stop), ...] over [0, n), split across torch's threads in parts of at least
     `min_part` (ctypes releases the GIL: the parts run at once)."""
     threads = max(1, min(torch.get_num_threads(), n // max(1, min_part)))
     if threads == 1:
-        f(0, n, *args)
-        return
+        return [f(0, n)]
     pool = _pool.get(threads) or _pool.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="peftlab-kernel"))
     bounds = [n * i // threads for i in range(threads + 1)]
-    for done in [pool.submit(f, a, b, *args) for a, b in zip(bounds, bounds[1:])]:
-        done.result()
+    return [done.result() for done in [pool.submit(f, a, b) for a, b in zip(bounds, bounds[1:])]]
 
 
 def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b1, b2, eps, gscale=1.0) -> bool:
@@ -272,3 +310,30 @@ def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | 
     _parallel(lambda a, b: lib.softmax_xent(logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), a, b, vocab),
               rows, max(1, CHUNK // max(1, vocab)))
     return loss
+
+
+def sum_squares(tensors: list) -> float | None:
+    """Σ t² over contiguous bf16 or fp32 CPU tensors (float64 sum of fp32 partial sums), or None
+    where the kernel is not available or a tensor does not qualify. The elements of all of them
+    are split evenly across threads (one hand-off per thread, not per tensor)."""
+    if not all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32)
+               and t.is_contiguous() for t in tensors):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    tensors = [t for t in tensors if t.numel()]
+    offsets = [0]
+    for t in tensors:
+        offsets.append(offsets[-1] + t.numel())
+
+    def part(start: int, stop: int) -> float:  # the elements [start, stop) of the tensors laid end to end
+        total = []
+        for t, first, end in zip(tensors, offsets, offsets[1:]):
+            a, b = max(start, first), min(stop, end)
+            if a < b:
+                f = lib.sum_squares_bf16 if t.dtype == torch.bfloat16 else lib.sum_squares_f32
+                total.append(f(t.data_ptr(), a - first, b - first))
+        return math.fsum(total)
+
+    return math.fsum(_parallel(part, offsets[-1], CHUNK))

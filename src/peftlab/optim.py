@@ -53,13 +53,25 @@ def clip_gradients(opt: torch.optim.Optimizer, params: list, max_norm: float) ->
     before clipping. The compensated optimizer takes the factor into its own pass over each
     gradient, which saves a read and a write of every bf16 gradient (and its rounding)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = total_norm(grads)
     if isinstance(opt, CompensatedAdamW):
         whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
         opt.grad_scale = float(torch.clamp(max_norm / (whole + 1e-6), max=1.0)) if math.isfinite(max_norm) else 1.0
     else:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def total_norm(grads: list) -> torch.Tensor:
+    """The 2-norm of all `grads` together, as torch.nn.utils.get_total_norm: by the built kernel
+    where every tensor qualifies (CPU, bf16 or fp32, contiguous; summed in float64), else by torch
+    (GPUs, FSDP's sharded tensors)."""
+    from . import kernels
+
+    squares = kernels.sum_squares(grads) if grads else None
+    if squares is None:
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.tensor(math.sqrt(squares), dtype=torch.float32)
 
 
 def rounding_residual(p: torch.Tensor) -> torch.Tensor:
