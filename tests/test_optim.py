@@ -199,3 +199,7 @@ def test_total_norm_is_the_exact_norm_and_falls_back_to_torch():
     assert optim.total_norm(grads).isnan()
     grads[3][17] = float("inf")
     assert optim.total_norm(grads).isinf()
+    # squares past the fp32 range, in the vector loop and in the scalar tail: infinite, as torch's
+    for n in (3 * kernels.CHUNK + 5, 3):
+        huge = [torch.full((n,), 1e20)]
+        assert optim.total_norm(huge).isinf() and torch.nn.utils.get_total_norm(huge).isinf()

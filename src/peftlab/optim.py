@@ -65,13 +65,14 @@ def clip_gradients(opt: torch.optim.Optimizer, params: list, max_norm: float) ->
 def total_norm(grads: list) -> torch.Tensor:
     """The 2-norm of all `grads` together, as torch.nn.utils.get_total_norm: by the built kernel
     where every tensor qualifies (CPU, bf16 or fp32, contiguous; summed in float64), else by torch
-    (GPUs, FSDP's sharded tensors)."""
+    (GPUs, FSDP's sharded tensors). As torch's fp32 sum, a sum of squares past the fp32 range
+    makes the norm infinite: the loop refuses such a step rather than clip it to size."""
     from . import kernels
 
     squares = kernels.sum_squares(grads) if grads else None
     if squares is None:
         return torch.nn.utils.get_total_norm(grads)
-    return torch.tensor(math.sqrt(squares), dtype=torch.float32)
+    return torch.tensor(math.inf if squares > torch.finfo(torch.float32).max else math.sqrt(squares))  # NaN stays NaN
 
 
 def rounding_residual(p: torch.Tensor) -> torch.Tensor:
