@@ -138,3 +138,17 @@ def test_uneven_loss_masks_weight_each_process_by_its_tokens(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-2000:]
     read = lambda d: [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert_same_run(read(tmp_path / "one"), read(tmp_path / "two"), "chat")
+
+
+def test_the_launcher_reports_the_first_failure_not_the_teardown():
+    """One worker refuses (2) and torchrun stops the other (143): the user sees 2, as with one
+    process. A signal we passed on is 128 + its number; a crash (1) wins over a refusal."""
+    from peftlab.distributed import exit_code
+
+    assert exit_code(1, None, {2, 143}) == 2
+    assert exit_code(1, None, {2}) == 2
+    assert exit_code(1, None, {1, 2, 143}) == 1
+    assert exit_code(1, None, {143}) == 143  # the only thing any worker said
+    assert exit_code(1, signal.SIGTERM, {143}) == 128 + signal.SIGTERM
+    assert exit_code(0, None, {0}) == 0
+    assert exit_code(1, None, set()) == 1  # no worker got as far as writing its code

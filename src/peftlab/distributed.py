@@ -230,6 +230,16 @@ def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
     reader.join(timeout=10)
     codes = {int(f.read_text() or 1) for f in Path(exits).glob("rank-*")}
     shutil.rmtree(exits, ignore_errors=True)
-    if code and not got and codes - {0}:  # torchrun says 1 for any failed worker; the workers said which kind
-        return 1 if 1 in codes else max(codes - {0})
-    return 128 + got[0] if got and code else code
+    return exit_code(code, got[0] if got else None, codes)
+
+
+def exit_code(torchrun: int, signum: int | None, workers: set) -> int:
+    """The launcher's exit code from torchrun's, the signal we passed on (None: none) and the
+    codes the workers wrote."""
+    failed = workers - {0}
+    if torchrun and signum is None and failed:  # torchrun says 1 for any failed worker; the workers said which kind
+        # 128+n from a worker here is torchrun stopping the others after one failed (nobody
+        # signalled us): the first failure's own code is the one that says what happened
+        own = {c for c in failed if c < 128} or failed
+        return 1 if 1 in own else max(own)
+    return 128 + signum if signum is not None and torchrun else torchrun
