@@ -67,6 +67,21 @@ def test_ranking_is_by_speed_at_equal_quality():
     assert "| full | bf16 | 430 (compile) | 420 (autocast+compile) | **1.02×** |" in text
 
 
+def test_several_rounds_show_the_ratio_of_each_round():
+    from peftlab.bench import summarize
+
+    runs = [r | {"round": k, "tokens_per_s": r["tokens_per_s"] * speed}
+            for k, (mine, theirs) in enumerate([(1.0, 1.0), (1.2, 0.9), (0.9, 1.1)])
+            for r in _runs({("peft", "autocast"): (400, 4.0), ("peftlab", "compile"): (600, 4.0)})
+            for speed in [mine if r["impl"] == "peftlab" else theirs]]
+    (row,) = summarize(runs, {"bf16": 1e12})
+    assert row["speed_ratio"] == pytest.approx(600 / 400)  # medians of each side
+    assert row["round_speed_ratios"] == pytest.approx([1.5, 1.5 * 1.2 / 0.9, 1.5 * 0.9 / 1.1])
+    text = markdown({"setup": {"model": "m", "data": "d", "batch_size": 4, "seq_len": 256, "warmup": 2, "steps": 5},
+                     "machine": {"cpu": "cpu"}, "gemm_flops_per_s": {"bf16": 1e12}, "rows": [row]})
+    assert "| full | bf16 | 600 (compile) | 400 (autocast) | **1.50×** (rounds 1.23–2.00×) |" in text
+
+
 def test_no_eligible_setting_is_said_not_hidden():
     from peftlab.bench import summarize
 

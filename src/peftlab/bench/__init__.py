@@ -150,9 +150,13 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
             if our_mode and best_mode:
                 ours_, best = mine[our_mode], theirs[best_mode]
                 limit = ceil[precision] / ours_["flops_per_token"]
+                rounds = [{r.get("round", 0): r["tokens_per_s"] for r in groups[(name, precision, impl, mode)]}
+                          for impl, mode in (("peftlab", our_mode), ("peft", best_mode))]
                 row |= {
                     "peftlab_tok_s": ours_["tokens_per_s"], "peft_tok_s": best["tokens_per_s"],
                     "speed_ratio": ours_["tokens_per_s"] / best["tokens_per_s"],
+                    # the same two settings' ratio within each round: how far one round can be trusted
+                    "round_speed_ratios": [rounds[0][k] / rounds[1][k] for k in sorted(rounds[0].keys() & rounds[1].keys())],
                     "peftlab_peak_mb": ours_["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
                     "memory_ratio": ours_["peak_rss_bytes"] / best["peak_rss_bytes"],
                     "peftlab_eval_loss": ours_["eval_loss"], "peft_eval_loss": best["eval_loss"],
@@ -177,7 +181,8 @@ def markdown(result: dict) -> str:
         f"steps is within {100 * TOLERANCE:g}% of the reference's full-precision setting (peft "
         + " / ".join(f"`{v}` for {k}" for k, v in REFERENCE.items()) + ", fp32 weights: no update lost); "
         "each side is shown at its fastest eligible setting. *Fastest at any loss* ranks every setting, eligible or not; "
-        "*eager ratio*: both sides uncompiled. Ratios are peftlab / peft.", "",
+        "*eager ratio*: both sides uncompiled. Ratios are peftlab / peft; with several rounds, the speed ratio's "
+        "range over the rounds (the same two settings within one round) follows it.", "",
         "| config | precision | peftlab tok/s (setting) | peft tok/s (setting) | speed ratio | peftlab peak MB | peft peak MB "
         "| memory ratio | held-out loss peftlab / peft / reference | peftlab % ceiling | peft % ceiling "
         "| fastest at any loss: peftlab / peft (ratio) | eager ratio |",
@@ -192,8 +197,10 @@ def markdown(result: dict) -> str:
                          f"{r['peft_mode'] or 'no eligible setting'} | – | – | – | – | – | – | – | {anyway} | "
                          f"{_ratio(r['eager_speed_ratio'])} |")
             continue
+        per_round = r.get("round_speed_ratios") or []
+        spread = f" (rounds {min(per_round):.2f}–{max(per_round):.2f}×)" if len(per_round) > 1 else ""
         lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_tok_s']:,.0f} ({r['peftlab_mode']}) | "
-                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×** | "
+                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×**{spread} | "
                      f"{r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | **{r['memory_ratio']:.2f}×** | "
                      f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} / {r['reference_loss']:.4f} | "
                      f"{r['peftlab_pct_ceiling']:.0f}% | {r['peft_pct_ceiling']:.0f}% | {anyway} | {_ratio(r['eager_speed_ratio'])} |")
