@@ -92,7 +92,7 @@ def _kernel_or_skip():
     if kernels.compiler() is None:
         pytest.skip("no C++ compiler: the torch chunks run instead")
     assert kernels.load() is not None, "a C++ compiler is present but the kernels did not build"
-    if not kernels.load().softmax_xent_vectorized():
+    if not kernels.has_vectorized_loss():
         pytest.skip("no AVX-512: the torch chunks run instead")
     return kernels
 

@@ -291,6 +291,13 @@ def compensated_adamw(w, g, m, v, c, key: int, step_size, inv_sqrt_bc2, decay, b
     return True
 
 
+def has_vectorized_loss() -> bool:
+    """softmax_xent is built and runs on AVX-512 vectors (elsewhere its scalar loops are slower
+    than torch's compiled chunks)."""
+    lib = load()
+    return lib is not None and bool(lib.softmax_xent_vectorized())
+
+
 def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """Per-row cross-entropy of (c, V) bf16 logits against (c,) int64 targets, as (c,) fp32;
     the logits become d(loss)/d(logits) = softmax − one-hot, in place. None where the kernel
@@ -302,9 +309,9 @@ def softmax_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | 
     rows, vocab = logits.shape
     if rows and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         return None  # torch's indexing says what is wrong
-    lib = load()
-    if lib is None or not lib.softmax_xent_vectorized():
+    if not has_vectorized_loss():
         return None
+    lib = load()
     targets = targets.contiguous()
     loss = torch.empty(rows, dtype=torch.float32)
     _parallel(lambda a, b: lib.softmax_xent(logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), a, b, vocab),

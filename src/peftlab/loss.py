@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, runtime
+from . import distributed, kernels, runtime
 
 IGNORE = -100
 
@@ -43,13 +43,8 @@ def _chunk(h, w, targets, softcap, want_grad=True):
 
 def _chunk_in_place(h, w, targets, out):
     """`_chunk`'s work with the built kernel: the (c, V) logits into `out` (bf16), which
-    becomes their gradient; returns the (c,) per-position losses, or None where the kernel is
-    not available (nothing returned is then used)."""
-    from . import kernels
-
-    lib = kernels.load()
-    if lib is None or not lib.softmax_xent_vectorized():
-        return None
+    becomes their gradient; returns the (c,) per-position losses, or None where the inputs do
+    not qualify (nothing written is then used)."""
     torch.mm(h, w.t(), out=out)
     return kernels.softmax_xent(out, targets)
 
@@ -82,7 +77,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # fused, bf16 on the CPU: kernels.softmax_xent turns each chunk's logits into their
         # gradient in place, in one (c, V) bf16 buffer (a trained head's rows of grad_logits)
-        in_place = fused and not softcap and (want_h or want_w) and h.dtype == torch.bfloat16 and h.device.type == "cpu"
+        in_place = (fused and not softcap and (want_h or want_w) and h.dtype == torch.bfloat16 and h.device.type == "cpu"
+                    and kernels.has_vectorized_loss())
         buffer = None if want_w or not in_place else torch.empty(min(chunk, len(targets)), w.shape[0], dtype=h.dtype)
         for i in range(0, len(targets), chunk):
             part = slice(i, i + chunk)
