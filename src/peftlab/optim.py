@@ -115,7 +115,12 @@ def _update(w, g, m, v, c, key, step_size, inv_sqrt_bc2, decay, b1, b2, eps, gsc
     g32, w32 = g.float() * gscale, w.float()
     m32 = m.float() * b1 + g32 * (1 - b1)
     v32 = v.float() * b2 + g32 * g32 * (1 - b2)
-    y = c.float() - decay * w32 - step_size * m32 / (v32.sqrt() * inv_sqrt_bc2 + eps)
+    # √ through float64: torch's fp32 sqrt is not correctly rounded on every CPU (AVX2: about one
+    # value in five is an ulp off), the kernel's is. The root of an fp32 value lies at least
+    # ~2⁻⁵⁰ (relative) from an fp32 rounding midpoint, so a float64 root a few ulps off still
+    # rounds to the correctly rounded fp32 root.
+    root = v32.double().sqrt_().float()
+    y = c.float() - decay * w32 - step_size * m32 / (root * inv_sqrt_bc2 + eps)
     new = (w32 + y).to(torch.bfloat16)
     bits = random_bits(w.shape[0], key, w.device)
     m.copy_(round_stochastic(m32, bits & 0xFFFF))
