@@ -6,7 +6,9 @@ with softmax − one-hot (fp32 arithmetic, bf16 rounded to nearest even as torch
 (V bf16) stays in L2 between the passes, and no (c, V) fp32 tensor or new buffer is made.
 
 `sum_squares`: Σ x² of all gradients, for clipping's total norm (one read at memory speed;
-torch's norm of a bf16 tensor runs at well under half of it here).
+torch's norm of a bf16 tensor runs at well under half of it here). AVX-512 intrinsics where
+the CPU has them, elsewhere a plain-C loop over 32 float lanes that the compiler vectorizes
+(AVX2: 128M fp32 weights in 21 ms against torch's 39).
 
 `compensated_adamw`: the compensated bf16 AdamW step of one tensor (optim.py states the
 arithmetic) as one loop over its elements: read g, w, m, v, c (bf16), compute in fp32
