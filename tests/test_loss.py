@@ -86,60 +86,82 @@ def test_evaluation_of_a_trained_head_builds_no_gradients(monkeypatch):
     assert asked and all(asked)
 
 
-def _kernel_or_skip():
+def _kernel_or_skip(dtype):
     from peftlab import kernels
 
     if kernels.compiler() is None:
         pytest.skip("no C++ compiler: the torch chunks run instead")
     assert kernels.load() is not None, "a C++ compiler is present but the kernels did not build"
-    if not kernels.has_vectorized_loss():
-        pytest.skip("no AVX-512: the torch chunks run instead")
+    if not kernels.has_vectorized_loss(dtype):
+        assert dtype == torch.bfloat16, "the fp32 kernel is plain C: it runs wherever the library builds"
+        pytest.skip("bf16 without AVX-512: the torch chunks run instead")
     return kernels
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,vocab", [(5, 37), (64, 1000), (3, 4099)])
-def test_softmax_xent_kernel_equals_torch(rows, vocab):
+def test_softmax_xent_kernel_equals_torch(rows, vocab, dtype):
     """The in-place kernel: per-row losses as an fp64 reference, the gradient as `_chunk`'s
-    bf16 gradient (its vector exp may differ from torch's in the last bit of a rare element)."""
+    (bf16: its vector exp may differ from torch's in the last bit of a rare element; fp32: to
+    the polynomial's accuracy)."""
     from peftlab.loss import _chunk
 
-    kernels = _kernel_or_skip()
+    kernels = _kernel_or_skip(dtype)
     g = torch.Generator().manual_seed(rows)
-    h = torch.randn(rows, 16, generator=g).to(torch.bfloat16)
-    w = (3 * torch.randn(vocab, 16, generator=g)).to(torch.bfloat16)
+    h = torch.randn(rows, 16, generator=g).to(dtype)
+    w = (3 * torch.randn(vocab, 16, generator=g)).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=g)
     logits = (h @ w.t()).contiguous()
     exact = torch.logsumexp(logits.double(), -1) - logits.double()[torch.arange(rows), targets]
     _, ref_grad = _chunk(h, w, targets, None)
     losses = kernels.softmax_xent(logits, targets)
     torch.testing.assert_close(losses.double(), exact, atol=1e-5, rtol=1e-5)
-    ulps = (logits.view(torch.int16).int() - ref_grad.view(torch.int16).int()).abs()
-    assert ulps.max() <= 1 and (ulps > 0).float().mean() < 1e-3
+    if dtype == torch.bfloat16:
+        ulps = (logits.view(torch.int16).int() - ref_grad.view(torch.int16).int()).abs()
+        assert ulps.max() <= 1 and (ulps > 0).float().mean() < 1e-3
+    else:
+        torch.testing.assert_close(logits, ref_grad, atol=1e-7, rtol=1e-5)
+        assert torch.allclose(logits.sum(-1), torch.zeros(rows), atol=1e-5)  # softmax − one-hot sums to 0
 
 
-def test_softmax_xent_kernel_marks_non_finite_rows_and_leaves_bad_targets_to_torch():
-    kernels = _kernel_or_skip()
-    logits = torch.randn(3, 50).to(torch.bfloat16)
+def test_softmax_xent_fp32_underflows_gradually():
+    """Probabilities below fp32's normal range come out as subnormals, as torch's softmax."""
+    kernels = _kernel_or_skip(torch.float32)
+    row = [0.0, -200.0, -90.0, -100.0, 5.0]
+    logits = torch.tensor([row])
+    expected = torch.softmax(logits, -1)
+    expected[0, 4] -= 1
+    losses = kernels.softmax_xent(logits, torch.tensor([4]))
+    torch.testing.assert_close(logits, expected, atol=0, rtol=1e-5)
+    assert 0 < float(logits[0, 2]) < torch.finfo(torch.float32).tiny  # a subnormal, not zero
+    torch.testing.assert_close(losses, (torch.logsumexp(torch.tensor(row), 0) - 5).reshape(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_softmax_xent_kernel_marks_non_finite_rows_and_leaves_bad_targets_to_torch(dtype):
+    kernels = _kernel_or_skip(dtype)
+    logits = torch.randn(3, 50).to(dtype)
     logits[1, 7] = float("nan")
     logits[2, 3] = float("inf")
     losses = kernels.softmax_xent(logits, torch.zeros(3, dtype=torch.long))
     assert losses[0].isfinite() and losses[1:].isnan().all()
     assert logits[1:].float().isnan().all() and logits[0].float().isfinite().all()
-    before = torch.randn(2, 50).to(torch.bfloat16)
+    before = torch.randn(2, 50).to(dtype)
     kept = before.clone()
     assert kernels.softmax_xent(before, torch.tensor([0, 50])) is None  # out of the vocabulary: torch's error
     assert torch.equal(before, kept)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("train_head", [False, True])
-def test_fused_bf16_loss_takes_the_kernel_and_equals_the_torch_chunks(train_head, monkeypatch):
-    """The compiled path (fused) in bf16 runs the kernel on every chunk, the last short one
-    included, and gives the loss and gradients of the uncompiled chunks."""
-    kernels = _kernel_or_skip()
+def test_fused_loss_takes_the_kernel_and_equals_the_torch_chunks(train_head, dtype, monkeypatch):
+    """The compiled path (fused) runs the kernel on every chunk, the last short one included,
+    and gives the loss and gradients of the uncompiled chunks."""
+    kernels = _kernel_or_skip(dtype)
     calls = []
     real = kernels.softmax_xent
     monkeypatch.setattr(kernels, "softmax_xent", lambda z, t: calls.append(len(t)) or real(z, t))
-    model = models.load("tiny-llama").model.to(torch.bfloat16)
+    model = models.load("tiny-llama").model.to(dtype)
     for n, p in model.named_parameters():
         p.requires_grad_(train_head or "embed" not in n and "lm_head" not in n)
     ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -153,5 +175,6 @@ def test_fused_bf16_loss_takes_the_kernel_and_equals_the_torch_chunks(train_head
     (ref_loss, ref), (loss, grads) = results
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     assert grads.keys() == ref.keys() and any("embed" in n for n in grads) == train_head
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for n in ref:
-        assert (grads[n].float() - ref[n].float()).norm() <= 1e-2 * ref[n].float().norm() + 1e-6, n
+        assert (grads[n].float() - ref[n].float()).norm() <= tolerance * ref[n].float().norm() + 1e-6, n

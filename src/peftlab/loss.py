@@ -42,7 +42,7 @@ def _chunk(h, w, targets, softcap, want_grad=True):
 
 
 def _chunk_in_place(h, w, targets, out):
-    """`_chunk`'s work with the built kernel: the (c, V) logits into `out` (bf16), which
+    """`_chunk`'s work with the built kernel: the (c, V) logits into `out` (h's dtype), which
     becomes their gradient; returns the (c,) per-position losses, or None where the inputs do
     not qualify (nothing written is then used)."""
     torch.mm(h, w.t(), out=out)
@@ -75,10 +75,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         # faster than a product and an fp32 sum per chunk.
         grad_logits = torch.empty(len(targets), w.shape[0], dtype=h.dtype, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # fused, bf16 on the CPU: kernels.softmax_xent turns each chunk's logits into their
-        # gradient in place, in one (c, V) bf16 buffer (a trained head's rows of grad_logits)
-        in_place = (fused and not softcap and (want_h or want_w) and h.dtype == torch.bfloat16 and h.device.type == "cpu"
-                    and kernels.has_vectorized_loss())
+        # fused, on the CPU: kernels.softmax_xent turns each chunk's logits into their gradient
+        # in place, in one (c, V) buffer of h's dtype (a trained head's rows of grad_logits)
+        in_place = (fused and not softcap and (want_h or want_w) and h.device.type == "cpu"
+                    and kernels.has_vectorized_loss(h.dtype))
         buffer = None if want_w or not in_place else torch.empty(min(chunk, len(targets)), w.shape[0], dtype=h.dtype)
         for i in range(0, len(targets), chunk):
             part = slice(i, i + chunk)
