@@ -193,6 +193,8 @@ static inline float exp_le0(float x) {
     return y * __builtin_bit_cast(float, (uint32_t)(e1 + 127) << 23) * __builtin_bit_cast(float, (uint32_t)(e2 + 127) << 23);
 }
 
+static inline uint32_t is_nonfinite(float f) { return (bits_of(f) & 0x7F800000u) == 0x7F800000u; }
+
 /* softmax_xent on fp32 logits: the same three passes per row, in 16 independent float lanes
    that the compiler vectorizes (AVX2: 2 × 8) — a row of V floats (SmolLM2: 192 KB) stays in L2. */
 extern "C" void softmax_xent_f32(float* z, const int64_t* targets, float* loss, int64_t row0, int64_t row1, int64_t V) {
@@ -206,13 +208,13 @@ extern "C" void softmax_xent_f32(float* z, const int64_t* targets, float* loss, 
         for (; j + L <= V; j += L)
             for (int k = 0; k < L; k++) {
                 float f = x[j + k];
-                nonfinite[k] |= (__builtin_bit_cast(uint32_t, f) & 0x7F800000u) == 0x7F800000u;
+                nonfinite[k] |= is_nonfinite(f);
                 lane[k] = f > lane[k] ? f : lane[k];
             }
         float mx = -INFINITY;
         uint32_t bad = 0;
         for (int k = 0; k < L; k++) { mx = lane[k] > mx ? lane[k] : mx; bad |= nonfinite[k]; }
-        for (; j < V; j++) { bad |= (__builtin_bit_cast(uint32_t, x[j]) & 0x7F800000u) == 0x7F800000u; mx = x[j] > mx ? x[j] : mx; }
+        for (; j < V; j++) { bad |= is_nonfinite(x[j]); mx = x[j] > mx ? x[j] : mx; }
         if (bad) {
             loss[r] = NAN;
             for (j = 0; j < V; j++) x[j] = NAN;
