@@ -41,11 +41,33 @@ def _chunk(h, w, targets, softcap, want_grad=True):
     return loss, grad.to(h.dtype)
 
 
+def _onednn_linear():
+    """oneDNN's matmul as torch registers it (the op inductor's CPU passes call), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_LINEAR = _onednn_linear()
+
+
+def _logits_into(h, w, out):
+    """out (c, V) = h (c, d) @ w (V, d)ᵀ. In fp32 on the CPU through oneDNN: torch's fp32 mm
+    goes to MKL, which runs this wide, shallow product (V = 49,152 outputs from d = 576) at
+    ~60% of oneDNN's rate on an AVX2 EPYC (alternating pairs, c = 256: median 1.46× with the
+    copy below). Both compute plain fp32 products (no reduced-precision math mode is set);
+    the copy into `out` costs ~5% of the product."""
+    if _LINEAR is not None and h.dtype == torch.float32 and h.device.type == "cpu":
+        out.copy_(_LINEAR(h, w, None, "none", [], ""))
+    else:
+        torch.mm(h, w.t(), out=out)
+
+
 def _chunk_in_place(h, w, targets, out):
     """`_chunk`'s work with the built kernel: the (c, V) logits into `out` (h's dtype), which
     becomes their gradient; returns the (c,) per-position losses, or None where the inputs do
     not qualify (nothing written is then used)."""
-    torch.mm(h, w.t(), out=out)
+    _logits_into(h, w, out)
     return kernels.softmax_xent(out, targets)
 
 
