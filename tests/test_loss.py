@@ -178,3 +178,23 @@ def test_fused_loss_takes_the_kernel_and_equals_the_torch_chunks(train_head, dty
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for n in ref:
         assert (grads[n].float() - ref[n].float()).norm() <= tolerance * ref[n].float().norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_product_equals_the_fp64_product(dtype, monkeypatch):
+    """The chunk's logits (fp32: through oneDNN where torch has it) are h · Wᵀ to the dtype's
+    rounding, with the head weight as the loss gets it (a strided view included)."""
+    from peftlab import loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 64, generator=g).to(dtype)
+    w = torch.randn(64, 1001, generator=g).to(dtype).t()  # (V, d), not contiguous
+    exact = h.double() @ w.double().t()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    calls = []
+    if loss._LINEAR is not None:
+        monkeypatch.setattr(loss, "_LINEAR", lambda *a: calls.append(a) or torch.ops.mkldnn._linear_pointwise(*a))
+    out = torch.full((37, 1001), float("nan"), dtype=dtype)
+    loss._logits_into(h, w, out)
+    assert torch.allclose(out.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    assert len(calls) == (dtype == torch.float32 and loss._LINEAR is not None)
