@@ -56,7 +56,7 @@ def _logits_into(h, w, out):
     goes to MKL, which runs this wide, shallow product (V = 49,152 outputs from d = 576) at
     ~60% of oneDNN's rate on an AVX2 EPYC (alternating pairs, c = 256: median 1.46× with the
     copy below). Both compute plain fp32 products (no reduced-precision math mode is set);
-    the copy into `out` costs ~5% of the product."""
+    the copy into `out` costs 5–10% of the product."""
     if _LINEAR is not None and h.dtype == torch.float32 and h.device.type == "cpu":
         out.copy_(_LINEAR(h, w, None, "none", [], ""))
     else:
