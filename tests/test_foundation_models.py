@@ -1,11 +1,15 @@
 """Models: aliases, classification by structure, the asset cache."""
 
+import gc
+import os
+
 import pytest
 import torch
 
 from peftlab import assets, load_model
 from peftlab.components import where
 from peftlab.errors import UserError
+from peftlab.runtime import store_frozen
 from peftlab.tiny import TINY
 
 
@@ -45,3 +49,36 @@ def test_missing_asset_names_the_fetch_command(tmp_path, monkeypatch):
 def test_folder_without_config_is_rejected(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def _mapped(path) -> bool:
+    """Is `path` memory-mapped into this process? (Linux: /proc/self/maps)"""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_training_of_part_of_a_loaded_model_lets_its_file_go(tmp_path, dtype):
+    # safetensors are memory-mapped: a trained fp32 weight left in the file would keep every
+    # page read from it (the frozen fp32 weights too, now stored in bf16) for the whole run
+    tiny = load_model("tiny-llama")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path)).model
+    weights = tmp_path / "model.safetensors"
+    assert _mapped(weights)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(".mlp." in n)
+    mlp = next(p for n, p in model.named_parameters() if ".mlp." in n)
+    where = mlp.data_ptr()
+    store_frozen(model, dtype)
+    gc.collect()
+    if dtype == torch.bfloat16:  # every frozen weight left the file: the trained ones follow, and the mapping goes
+        assert not _mapped(weights)
+    else:  # frozen fp32 weights stay in the file: a copy of the trained ones would only hold both
+        assert mlp.data_ptr() == where
+    for n, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if ".mlp." in n else dtype)
+        assert torch.equal(p.detach(), before[n].to(p.dtype)), n

@@ -59,10 +59,22 @@ def bf16_note(dtype: torch.dtype, device: torch.device) -> str | None:
 
 def store_frozen(model: torch.nn.Module, dtype: torch.dtype, trained: torch.dtype = torch.float32) -> None:
     """Keep frozen floating-point weights in `dtype`; trainable ones in `trained` (fp32 master
-    copies, or bf16 for compensated updates: optim.py)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(trained if p.requires_grad else dtype)
+    copies, or bf16 for compensated updates: optim.py).
+
+    A loaded model's weights live in its memory-mapped safetensors file until they are
+    replaced, and one tensor still in the file keeps the whole mapping, with every page read
+    from it, resident. So on the CPU, when no frozen weight stays in the file (each gets a new
+    dtype), trained weights that keep theirs are copied out too and the mapping goes: training
+    only SmolLM2's MLPs in bf16 would otherwise keep the 220 MB of fp32 attention and embedding
+    weights it no longer reads. (Where a frozen weight stays, copying would hold both.)"""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    frozen_stays = any(not p.requires_grad and p.dtype == dtype for p in params)
+    for p in params:
+        target = trained if p.requires_grad else dtype
+        if p.dtype != target:
+            p.data = p.data.to(target)
+        elif p.requires_grad and not frozen_stays and p.device.type == "cpu":
+            p.data = p.data.clone()
 
 
 def for_inference(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
