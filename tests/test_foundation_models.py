@@ -82,3 +82,8 @@ def test_bf16_training_of_part_of_a_loaded_model_lets_its_file_go(tmp_path, dtyp
     for n, p in model.named_parameters():
         assert p.dtype == (torch.float32 if ".mlp." in n else dtype)
         assert torch.equal(p.detach(), before[n].to(p.dtype)), n
+    # nothing frozen: no page is left behind (trained ones are copied on their first update), so no copy
+    whole = load_model(str(tmp_path)).model
+    where = {n: p.data_ptr() for n, p in whole.named_parameters()}
+    store_frozen(whole, dtype)
+    assert {n: p.data_ptr() for n, p in whole.named_parameters()} == where

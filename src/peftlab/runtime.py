@@ -66,14 +66,17 @@ def store_frozen(model: torch.nn.Module, dtype: torch.dtype, trained: torch.dtyp
     from it, resident. So on the CPU, when no frozen weight stays in the file (each gets a new
     dtype), trained weights that keep theirs are copied out too and the mapping goes: training
     only SmolLM2's MLPs in bf16 would otherwise keep the 220 MB of fp32 attention and embedding
-    weights it no longer reads. (Where a frozen weight stays, copying would hold both.)"""
+    weights it no longer reads. (Where a frozen weight stays, copying would hold both; where
+    nothing is frozen, trained pages are copied on their first update anyway.)"""
     params = [p for p in model.parameters() if p.is_floating_point()]
-    frozen_stays = any(not p.requires_grad and p.dtype == dtype for p in params)
+    frozen = [p for p in params if not p.requires_grad]
+    # copy only where it frees something: some frozen weight leaves the file, and none stays
+    copy_out = frozen and all(p.dtype != dtype for p in frozen)
     for p in params:
         target = trained if p.requires_grad else dtype
         if p.dtype != target:
             p.data = p.data.to(target)
-        elif p.requires_grad and not frozen_stays and p.device.type == "cpu":
+        elif p.requires_grad and copy_out and p.device.type == "cpu":
             p.data = p.data.clone()
 
 
