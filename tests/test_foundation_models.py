@@ -59,7 +59,7 @@ def _mapped(path) -> bool:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_bf16_training_of_part_of_a_loaded_model_lets_its_file_go(tmp_path, dtype):
+def test_trained_weights_leave_a_loaded_file_only_where_that_frees_it(tmp_path, dtype):
     # safetensors are memory-mapped: a trained fp32 weight left in the file would keep every
     # page read from it (the frozen fp32 weights too, now stored in bf16) for the whole run
     tiny = load_model("tiny-llama")
@@ -72,18 +72,18 @@ def test_bf16_training_of_part_of_a_loaded_model_lets_its_file_go(tmp_path, dtyp
     for n, p in model.named_parameters():
         p.requires_grad_(".mlp." in n)
     mlp = next(p for n, p in model.named_parameters() if ".mlp." in n)
-    where = mlp.data_ptr()
+    at = mlp.data_ptr()
     store_frozen(model, dtype)
     gc.collect()
     if dtype == torch.bfloat16:  # every frozen weight left the file: the trained ones follow, and the mapping goes
         assert not _mapped(weights)
     else:  # frozen fp32 weights stay in the file: a copy of the trained ones would only hold both
-        assert mlp.data_ptr() == where
+        assert mlp.data_ptr() == at
     for n, p in model.named_parameters():
         assert p.dtype == (torch.float32 if ".mlp." in n else dtype)
         assert torch.equal(p.detach(), before[n].to(p.dtype)), n
     # nothing frozen: no page is left behind (trained ones are copied on their first update), so no copy
     whole = load_model(str(tmp_path)).model
-    where = {n: p.data_ptr() for n, p in whole.named_parameters()}
+    at = {n: p.data_ptr() for n, p in whole.named_parameters()}
     store_frozen(whole, dtype)
-    assert {n: p.data_ptr() for n, p in whole.named_parameters()} == where
+    assert {n: p.data_ptr() for n, p in whole.named_parameters()} == at
