@@ -1,7 +1,8 @@
 """Training checkpoints: the whole state of a run, so a killed run resumes bit for bit.
 
     OUT/checkpoints/step-00000120/
-      state.safetensors   param.<name>          every trainable tensor (fp32 master copies)
+      state.safetensors   param.<name>          every trainable tensor (fp32 master copies,
+                                                or the bf16 weight whose master is master.<name>)
                           exp_avg.<name>, exp_avg_sq.<name>, step.<name>   AdamW's moments
                           rng.torch, rng.cuda.<i>                          generator states
                           training.<i>.<key>   step i's training-time state (AdaLoRA's scores)
@@ -145,10 +146,13 @@ def restore(state: dict, tensors: dict, model, opt, training: list = ()) -> None
             for n in group:
                 if n not in params or f"param.{n}" not in tensors:
                     raise UserError(f"{where}: no tensor for parameter {n}; was it written by another strategy?")
-                p = params[n]
-                _copy_into(p, distributed.like(tensors[f"param.{n}"].to(p.dtype), p))
+                p, saved = params[n], tensors[f"param.{n}"]
+                held = opt.state.get(p, {}).get("master")  # the fp32 master of a bf16 weight (optim.MasterAdamW)
+                _copy_into(p, distributed.like(saved.to(p.dtype), p))
                 if n in moments:  # counters and seeds stay plain tensors, the moments take p's layout
                     opt.state[p] = {k: t.to(p.device) if t.dim() == 0 else distributed.like(t, p) for k, t in moments[n].items()}
+                if held is not None and "master" not in opt.state[p]:  # saved as an fp32 weight, without a master
+                    opt.state[p]["master"] = held.copy_(saved)
     saved = state.get("training") or [{} for _ in training]  # older checkpoints: no such state
     if len(saved) != len(training):
         raise UserError(f"{where}: saved the training state of {len(saved)} strategy steps, this strategy has "

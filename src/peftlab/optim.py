@@ -2,7 +2,10 @@
 (default) or kept in bf16 with compensated updates (`--master-weights bf16-compensated`).
 
 fp32 masters: 4 bytes per trained weight, 4 for its gradient, 8 for the two moments, and the
-bf16 copy autocast makes for every product (2). bf16-compensated: the trained weight itself
+bf16 copy autocast makes for every product (2). In a bf16 run in one process without gradient
+accumulation, a trained Linear weight is instead stored in bf16 (2) with its gradient (2), and
+the optimizer holds its fp32 master (4) and moments (8): MasterAdamW, the same numbers without
+the casts. bf16-compensated: the trained weight itself
 is bf16 (2, no casts), its gradient bf16 (2), the moments bf16 (2 + 2) and a bf16 compensation
 buffer (2) holds what rounding the weight to bf16 dropped — 10 bytes instead of 18, and close
 to fp32 masters in what it learns, unlike plain bf16 weights (8 bytes), where an update smaller
@@ -31,30 +34,52 @@ so a run starts from exactly the weights an fp32-master run starts from.
 import math
 
 import torch
+from torch.optim.adam import adam as fused_adam_step
 
 MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # a 32-bit mixing constant (odd, < 2³¹ so products of 32-bit values fit in int64)
 
 
-def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", residuals=None) -> torch.optim.Optimizer:
+def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", residuals=None,
+          masters=None) -> torch.optim.Optimizer:
     """AdamW for `groups` (tensors or param-group dicts).
 
     fp32: torch's fused kernel, one pass over each tensor instead of a dozen foreach passes,
-    ~4.5× faster on the CPU for a full fine-tune of SmolLM2 and no model-sized temporaries.
-    bf16-compensated: `residuals` {parameter: bf16 tensor} start the compensation buffers
-    (`rounding_residual`), so the run starts from the exact fp32 weights."""
+    ~4.5× faster on the CPU for a full fine-tune of SmolLM2 and no model-sized temporaries;
+    with `masters` {bf16 parameter: its fp32 weight}, the optimizer holds those fp32 masters
+    (MasterAdamW). bf16-compensated: `residuals` {parameter: bf16 tensor} start the
+    compensation buffers (`rounding_residual`), so the run starts from the exact fp32 weights."""
     if master_weights == "bf16-compensated":
         return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay, residuals=residuals)
+    if masters:
+        return MasterAdamW(groups, lr=lr, weight_decay=weight_decay, masters=masters)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def master_candidates(model: torch.nn.Module) -> list[str]:
+    """Trained weights whose fp32 master the optimizer can hold while the model keeps a bf16
+    copy, with nothing computed differently: weights of `nn.Linear` layers only (autocast
+    multiplies them in bf16 anyway, so their gradient arrives bf16-rounded), each held by no
+    other module (a tied embedding is read in fp32) and not the output layer (the chunked loss
+    reads it itself)."""
+    holders: dict[int, list] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(module)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(head.weight)} if head is not None else set()
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float32 and id(p) not in skip
+            and all(isinstance(m, torch.nn.Linear) and m.weight is p for m in holders[id(p)])]
 
 
 def clip_gradients(opt: torch.optim.Optimizer, params: list, max_norm: float) -> torch.Tensor:
     """Clip the gradients' total norm to `max_norm` (as torch's clip_grad_norm_); returns the norm
-    before clipping. The compensated optimizer takes the factor into its own pass over each
-    gradient, which saves a read and a write of every bf16 gradient (and its rounding)."""
+    before clipping. The compensated and master-holding optimizers take the factor into their
+    own pass over each gradient, which saves a read and a write of every gradient (and, for a
+    bf16 one, its rounding)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = total_norm(grads)
-    if isinstance(opt, CompensatedAdamW):
+    if isinstance(opt, (CompensatedAdamW, MasterAdamW)):
         whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
         opt.grad_scale = float(torch.clamp(max_norm / (whole + 1e-6), max=1.0)) if math.isfinite(max_norm) else 1.0
     else:
@@ -181,6 +206,76 @@ class CompensatedAdamW(torch.optim.Optimizer):
                 self.kernel(*flat, stream_key(int(state["seed"]), t), scalars)
         self.grad_scale = 1.0
         return None
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW where some parameters are bf16 copies of fp32 masters the optimizer holds (mixed
+    precision as autocast computes it, without autocast's casts).
+
+    Under bf16 autocast an fp32 weight is cast to bf16 for every product and its gradient comes
+    back bf16-rounded, then widened into an fp32 `.grad`. Holding the weight in bf16 and its
+    fp32 master here computes the same numbers — the forward reads bf16(master) either way, the
+    update is torch's fused AdamW on the master with the same fp32 gradient — and saves per
+    step the cast (read 4, write 2 bytes per weight), the widened gradient (2 bytes more per
+    weight, and its write) and the clipping pass over it (the clipping factor is taken into the
+    update, as `grad_scale`). State per parameter: step, exp_avg, exp_avg_sq as torch's AdamW,
+    and `master` (fp32) for the bf16 ones; `release_masters` puts the masters back at the end."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, masters=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for p, master in (masters or {}).items():  # in the state from the start: a checkpoint replaces it whole
+            self.state[p]["master"] = master
+        self.grad_scale = 1.0  # gradient clipping's factor for the next step (clip_gradients)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            batch, size = [], 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                batch.append(p)
+                size += p.numel()
+                if size >= self.BATCH:
+                    self._update(group, batch)
+                    batch, size = [], 0
+            if batch:
+                self._update(group, batch)
+        self.grad_scale = 1.0
+        return None
+
+    BATCH = 1 << 22  # weights per fused call: bounds the widened gradients (16 MB) and the calls (~30 for SmolLM2)
+
+    def _update(self, group, params):
+        states = [self.state[p] for p in params]
+        targets = [s.get("master", p) for p, s in zip(params, states)]
+        for state, target in zip(states, targets):
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state[name] = torch.zeros_like(target, memory_format=torch.preserve_format)
+        # fp32 gradients: a bf16 one widened (a temporary), an fp32 one itself
+        grads = [p.grad.to(t.dtype) for p, t in zip(params, targets)]
+        if self.grad_scale != 1.0:
+            torch._foreach_mul_(grads, self.grad_scale)  # in place, as clipping does: .grad is about to be dropped
+        b1, b2 = group["betas"]
+        fused_adam_step(targets, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                        [s["step"] for s in states], fused=True, decoupled_weight_decay=True, amsgrad=False,
+                        beta1=b1, beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                        maximize=False)
+        held = [(p, t) for p, t in zip(params, targets) if t is not p]
+        if held:  # round to nearest: what autocast's cast of the master gives
+            torch._foreach_copy_([p for p, _ in held], [t for _, t in held])
+
+
+def release_masters(opt) -> None:
+    """Give every bf16 parameter its fp32 master back as its weight (the end of training: what
+    is saved, merged or measured next is the fp32 weights, as without held masters)."""
+    if opt is None:
+        return
+    for p, state in opt.state.items():
+        if "master" in state:
+            p.data = state.pop("master")
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:

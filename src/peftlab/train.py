@@ -132,6 +132,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
         raise
     finally:
         log.close()
+        optim.release_masters(opt)
         if uncompile:
             uncompile()
     model.eval()
@@ -181,7 +182,8 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
     """Put the model where and how it trains: on the device, the frozen base in its precision
     (int8, or `dtype`), activation recomputation, compiled blocks, wrapped for DDP/FSDP.
     `work`: the tokens left to train (compiling pays only for long runs). Returns (runner,
-    loss module, fp32 rounding residuals by name for compensated masters, undo-compile or None)."""
+    loss module, by name what the optimizer's per-weight state starts from — bf16 rounding
+    residuals (compensated masters) or fp32 masters of weights stored in bf16 — undo-compile or None)."""
     model.to(device)
     if cfg.base_precision == "int8":
         from . import int8
@@ -192,6 +194,7 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
         t.start(model, cfg.steps)
     residuals = _residuals(model, cfg)  # taken before the weights are stored in bf16
     runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
+    residuals |= _masters(model, prepared, cfg, dtype)
     if cfg.grad_checkpoint:
         memory.enable_checkpointing(model)
     compiled, why = compiling.compile_plan(cfg.compile, device, model, work)
@@ -322,8 +325,27 @@ def _signal_of(total: float) -> int:
     return int(signal.SIGTERM) if total >= signal.SIGTERM else int(signal.SIGINT)
 
 
-def adamw(params, cfg: TrainConfig, residuals=None) -> torch.optim.Optimizer:
-    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, residuals)
+def adamw(params, cfg: TrainConfig, start=None) -> torch.optim.Optimizer:
+    start = start or {}
+    if cfg.master_weights == "bf16-compensated":
+        return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, residuals=start)
+    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, masters=start)
+
+
+def _masters(model, prepared, cfg: TrainConfig, dtype) -> dict:
+    """bf16 training with fp32 masters, one process: the trained Linear weights become bf16 and
+    the optimizer holds their fp32 masters (optim.MasterAdamW: the same numbers, fewer passes).
+    Not where gradients are summed in their own dtype (micro-batches, processes), nor where a
+    strategy's training hooks touch weights between steps. Returns {name: fp32 master}."""
+    if (dtype != torch.bfloat16 or cfg.master_weights != "fp32" or cfg.grad_accum > 1 or prepared.training
+            or distributed.world_size() > 1):
+        return {}
+    params = dict(model.named_parameters())
+    masters = {}
+    for n in optim.master_candidates(model):
+        masters[n] = params[n].data
+        params[n].data = masters[n].to(torch.bfloat16)
+    return masters
 
 
 def _residuals(model, cfg: TrainConfig, names=None) -> dict:

@@ -97,7 +97,7 @@ class WeightTracker:
             torch.div(state["exp_avg"], u, out=u)
             u.mul_(lr / (1 - b1**t))
             if wd:  # AdamW: W_t = (1 − lr·λ)·W_{t−1} − lr·u, so W_t − W_{t−1} = −(lr·λ·W_t + u) / (1 − lr·λ)
-                u.add_(p.detach(), alpha=lr * wd).div_(1 - lr * wd)
+                u.add_(state.get("master", p).detach(), alpha=lr * wd).div_(1 - lr * wd)
             self._record(name, float(torch.linalg.vector_norm(u)))
         for entry in self.low_rank:
             label, factors, A0, B0, prevA, prevB = entry
