@@ -215,11 +215,15 @@ class MasterAdamW(torch.optim.Optimizer):
     Under bf16 autocast an fp32 weight is cast to bf16 for every product and its gradient comes
     back bf16-rounded, then widened into an fp32 `.grad`. Holding the weight in bf16 and its
     fp32 master here computes the same numbers — the forward reads bf16(master) either way, the
-    update is torch's fused AdamW on the master with the same fp32 gradient — and saves per
-    step the cast (read 4, write 2 bytes per weight), the widened gradient (2 bytes more per
-    weight, and its write) and the clipping pass over it (the clipping factor is taken into the
-    update, as `grad_scale`). State per parameter: step, exp_avg, exp_avg_sq as torch's AdamW,
-    and `master` (fp32) for the bf16 ones; `release_masters` puts the masters back at the end."""
+    update is torch's fused AdamW on the master with the same fp32 gradient — without the
+    casts in the forward, with half-size gradients, and with the clipping factor taken into the
+    update (`grad_scale`) instead of a pass over every gradient. What it adds per step: widening
+    each gradient (in batches) and writing the bf16 weight back, two torch copies (measured on
+    SmolLM2 freeze-attention: elementwise work −110 to −150 ms a step, the optimizer +55 to
+    +75 ms). State per parameter: step, exp_avg, exp_avg_sq as torch's AdamW, and `master`
+    (fp32) for the bf16 ones; `release_masters` puts the masters back at the end."""
+
+    BATCH = 1 << 22  # weights per fused call: bounds the widened gradients (16 MB) and the calls (~30 for SmolLM2)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, masters=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -243,8 +247,6 @@ class MasterAdamW(torch.optim.Optimizer):
                 self._update(group, batch)
         self.grad_scale = 1.0
         return None
-
-    BATCH = 1 << 22  # weights per fused call: bounds the widened gradients (16 MB) and the calls (~30 for SmolLM2)
 
     def _update(self, group, params):
         states = [self.state[p] for p in params]

@@ -68,8 +68,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     state, tensors = resume_point(out, ident, resume)
     first = state["step"] + 1 if state else 1
     work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
-    runner, loss_module, residuals, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show)
-    opt = optimizer(model, prepared, cfg, residuals)
+    runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show)
+    opt = optimizer(model, prepared, cfg, start)
     later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
     if state:
         for at in sorted(later):
@@ -192,9 +192,9 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
         say(int8.int8_note(device), show)
     for t in prepared.training:  # before a resume restores their state: that state is planned for this run
         t.start(model, cfg.steps)
-    residuals = _residuals(model, cfg)  # taken before the weights are stored in bf16
+    start = _residuals(model, cfg)  # taken before the weights are stored in bf16
     runtime.store_frozen(model, dtype, trained=trained_dtype(cfg))
-    residuals |= _masters(model, prepared, cfg, dtype)
+    start |= _masters(model, prepared, cfg, dtype)
     if cfg.grad_checkpoint:
         memory.enable_checkpointing(model)
     compiled, why = compiling.compile_plan(cfg.compile, device, model, work)
@@ -205,17 +205,17 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
     from .components import arch_of
 
     runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
-    return runner, loss_module, residuals, uncompile
+    return runner, loss_module, start, uncompile
 
 
-def optimizer(model, prepared, cfg: TrainConfig, residuals: dict):
+def optimizer(model, prepared, cfg: TrainConfig, start: dict):
     """AdamW over what trains now, one group per learning-rate multiplier (None: nothing trains
     until a schedule unfreezes it)."""
     named = trainable_parameters(model)  # after wrapping: a sharded run's parameters are new objects
     if not named:
         return None
-    residuals = {named[n]: distributed.like(r, named[n]) for n, r in residuals.items() if n in named}
-    return adamw(parameter_groups(prepared, model, list(named.values())), cfg, residuals)
+    start = {named[n]: distributed.like(t, named[n]) for n, t in start.items() if n in named}
+    return adamw(parameter_groups(prepared, model, list(named.values())), cfg, start)
 
 
 class Log:
