@@ -108,7 +108,8 @@ def test_a_process_that_dies_fails_the_job_and_nothing_is_saved(text_file, tmp_p
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode not in (0, None)
-    assert "failed" in err and "--resume" in err
+    last = err.strip().splitlines()[-1]  # the launcher's own line, whatever rank 0 managed to say before it
+    assert "failed" in last and "--resume" in last, err
     assert not (run / "adapter").exists()
     assert "result" not in json.loads((run / "run.json").read_text())
     # What was checkpointed is complete and resumable.
@@ -142,13 +143,36 @@ def test_uneven_loss_masks_weight_each_process_by_its_tokens(tmp_path):
 
 def test_the_launcher_reports_the_first_failure_not_the_teardown():
     """One worker refuses (2) and torchrun stops the other (143): the user sees 2, as with one
-    process. A signal we passed on is 128 + its number; a crash (1) wins over a refusal."""
+    process. A signal we passed on is 128 + its number; a crash (1) wins over a refusal; a worker
+    that died without reporting (SIGKILL, out of memory) while torchrun stopped the other (143)
+    is a failure (1), not a stop."""
     from peftlab.distributed import exit_code
 
-    assert exit_code(1, None, {2, 143}) == 2
-    assert exit_code(1, None, {2}) == 2
-    assert exit_code(1, None, {1, 2, 143}) == 1
-    assert exit_code(1, None, {143}) == 143  # the only thing any worker said
-    assert exit_code(1, signal.SIGTERM, {143}) == 128 + signal.SIGTERM
-    assert exit_code(0, None, {0}) == 0
-    assert exit_code(1, None, set()) == 1  # no worker got as far as writing its code
+    assert exit_code(1, None, {0: 2, 1: 143}, 2) == 2
+    assert exit_code(1, None, {0: 2}, 2) == 2  # the other was stopped before it could report
+    assert exit_code(1, None, {0: 1, 1: 2, 2: 143}, 3) == 1
+    assert exit_code(1, None, {0: 143}, 2) == 1  # rank 1 was killed; torchrun then stopped rank 0
+    assert exit_code(1, None, {0: 143, 1: 143}, 2) == 143  # both were sent SIGTERM directly
+    assert exit_code(1, signal.SIGTERM, {0: 143}, 2) == 128 + signal.SIGTERM
+    assert exit_code(0, None, {0: 0, 1: 0}, 2) == 0
+    assert exit_code(1, None, {}, 2) == 1  # no worker got as far as writing its code
+
+
+def test_torchruns_report_is_dropped_but_a_workers_last_line_inside_it_is_kept():
+    """torchrun and the workers share one pipe: when torchrun stops rank 0 after rank 1 died,
+    rank 0's own line can land after torchrun's first glog line. It must still reach the user,
+    and torchrun's account of the dead worker is read, not shown."""
+    from peftlab.distributed import _death, worker_lines
+
+    lines = ["peftlab: warning: a\n", "peftlab: warning: a\n",
+             "W1203 09:30:00.1 77 torch/distributed/elastic/multiprocessing/api.py:1029] Sending process 9 closing signal SIGTERM\n",
+             "E1203 09:30:01.2 77 torch/distributed/elastic/multiprocessing/api.py:1003] failed (exitcode: -9) local_rank: 1 "
+             "(pid: 8) of binary: python\n",
+             "peftlab: stopped by SIGTERM; checkpoints in run are kept: continue with --resume\n",
+             "Traceback (most recent call last):\n", '  File "x.py", line 1\n',
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"]
+    died = {}
+    assert list(worker_lines(iter(lines), died)) == [lines[0], lines[4]]
+    assert died == {1: -9}
+    assert _death(1, died[1]) == "training process 1 failed (killed by SIGKILL, without a message of its own)"
+    assert _death(1, None) == "training process 1 failed (it ended, without a message of its own)"

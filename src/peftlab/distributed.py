@@ -181,14 +181,21 @@ def report_exit(code: int) -> None:
     """A worker started by `launch`: leave this process's exit code for the launcher."""
     folder = os.environ.get(EXIT_DIR)
     if folder and launched():
+        import signal
+
+        # The command is over: torchrun's SIGTERM to the survivors of a failed worker must not
+        # kill this process before its code is written (the launcher would lose what it said).
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
         (Path(folder) / f"rank-{rank()}").write_text(str(code))
 
 
-def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
+def launch(nproc: int, argv: list[str], env: dict | None = None) -> tuple[int, str]:
     """`peftlab train --nproc N ...`: run the same command under torchrun with N processes.
 
     Signals reach the workers through torchrun (SIGTERM/SIGINT make each one finish its
-    step and checkpoint). Returns the exit code: 0, 2 for a user error, 128+signal, or 1."""
+    step and checkpoint). Returns the exit code (0, 2 for a user error, 128+signal, or 1)
+    and, when a worker died without a word of its own, which one and how ("" otherwise)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--tee=0", "-m", "peftlab", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
@@ -196,26 +203,17 @@ def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
     exits = tempfile.mkdtemp(prefix="peftlab-exits-")
     env[EXIT_DIR] = exits
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
-    import re
     import signal
     import threading
 
-    got, said = [], []
+    got, died = [], {}
 
     def forward(signum, frame):
         got.append(signum)
         proc.send_signal(signum)
 
     def relay():
-        """The workers' lines pass through once each (every rank may say the same); torchrun's
-        own report of a failed worker (glog lines, its traceback) does not: the worker's line
-        already said what went wrong."""
-        noise = False
-        for line in proc.stderr:
-            noise = noise or line.startswith("Traceback") or bool(re.match(r"[EWIF]\d{4} ", line))
-            if noise or line in said:
-                continue
-            said.append(line)
+        for line in worker_lines(proc.stderr, died):
             sys.stderr.write(line)
             sys.stderr.flush()
 
@@ -228,18 +226,59 @@ def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     reader.join(timeout=10)
-    codes = {int(f.read_text() or 1) for f in Path(exits).glob("rank-*")}
+    reports = {int(f.name.removeprefix("rank-")): int(f.read_text() or 1) for f in Path(exits).glob("rank-*")}
     shutil.rmtree(exits, ignore_errors=True)
-    return exit_code(code, got[0] if got else None, codes)
+    code = exit_code(code, got[0] if got else None, reports, nproc)
+    silent = sorted(set(range(nproc)) - set(reports))
+    if code != 1 or not silent or got:
+        return code, ""
+    who = next((r for r in died if r in silent), silent[0])  # torchrun names the first to fail
+    return code, _death(who, died.get(who))
 
 
-def exit_code(torchrun: int, signum: int | None, workers: set) -> int:
-    """The launcher's exit code from torchrun's, the signal we passed on (None: none) and the
-    codes the workers wrote."""
-    failed = workers - {0}
-    if torchrun and signum is None and failed:  # torchrun says 1 for any failed worker; the workers said which kind
-        # 128+n from a worker here is torchrun stopping the others after one failed (nobody
-        # signalled us): the first failure's own code is the one that says what happened
-        own = {c for c in failed if c < 128} or failed
-        return 1 if 1 in own else max(own)
+_TORCHRUN_FAILED = r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)"  # torchrun's line for each failed worker
+
+
+def worker_lines(lines, died: dict):
+    """The stderr lines a user should see: the workers' lines, once each (every rank may say the
+    same), and not torchrun's own report of a failed worker (glog lines, its traceback), which
+    follows a worker's line that already said what went wrong. A line of ours ("peftlab: ...")
+    always passes, even once torchrun's report has begun: the two write to one pipe, so a
+    worker's last words can arrive in the middle of it. Records in `died` (rank -> exit code,
+    negative for a signal) what torchrun says of each failed worker."""
+    import re
+
+    noise, said = False, set()
+    for line in lines:
+        if m := re.search(_TORCHRUN_FAILED, line):
+            died.setdefault(int(m.group(2)), int(m.group(1)))
+        noise = noise or line.startswith("Traceback") or bool(re.match(r"[EWIF]\d{4} ", line))
+        if (noise and not line.startswith("peftlab:")) or line in said:
+            continue
+        said.add(line)
+        yield line
+
+
+def _death(rank: int, code: int | None) -> str:
+    import signal
+
+    if code is not None and code < 0 and -code in signal.valid_signals():
+        how = f"killed by {signal.Signals(-code).name}"
+    else:
+        how = "it ended" if code is None else f"exit {code}"
+    return f"training process {rank} failed ({how}, without a message of its own)"
+
+
+def exit_code(torchrun: int, signum: int | None, reports: dict, nproc: int) -> int:
+    """The launcher's exit code from torchrun's, the signal we passed on (None: none), the codes
+    the workers wrote (rank -> code) and how many workers there were."""
+    failed = set(reports.values()) - {0}
+    if torchrun and signum is None:
+        own = {c for c in failed if c < 128}  # 128+n is torchrun stopping the others after one failed
+        if own:  # the first failure's own code says what happened; a crash (1) wins over a refusal (2)
+            return 1 if 1 in own else max(own)
+        if len(reports) < nproc:  # a worker died without reporting (killed from outside, out of memory)
+            return 1
+        if failed:  # every worker stopped on a signal nobody passed through us (sent to them directly)
+            return max(failed)
     return 128 + signum if signum is not None and torchrun else torchrun

@@ -77,10 +77,11 @@ def train(
     with outputs.claim(out_dir, **policy):
         if nproc > 1:
             argv = _argv_without(ctx.obj["argv"], "--nproc")
-            code = distributed.launch(nproc, argv, env={CLAIMED: str(outputs.real(out_dir))})
+            code, death = distributed.launch(nproc, argv, env={CLAIMED: str(outputs.real(out_dir))})
             if code:
                 raise Exit(code, "" if code in (2, 130, 143) else
-                            f"a training process failed (exit {code}; its message is above); no adapter was written"
+                            (death or f"a training process failed (exit {code}; its message is above)") + "; "
+                            "no adapter was written"
                             + (f", checkpoints in {out_dir} are intact: continue with --resume" if checkpoint.latest(out_dir)
                                else ""))
             return
