@@ -236,7 +236,7 @@ def launch(nproc: int, argv: list[str], env: dict | None = None) -> tuple[int, s
     return code, _death(who, died.get(who))
 
 
-_TORCHRUN_FAILED = r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)"  # torchrun's line for each failed worker
+_TORCHRUN_FAILED = r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)"  # torchrun names the first worker to fail
 
 
 def worker_lines(lines, died: dict):
@@ -245,7 +245,7 @@ def worker_lines(lines, died: dict):
     follows a worker's line that already said what went wrong. A line of ours ("peftlab: ...")
     always passes, even once torchrun's report has begun: the two write to one pipe, so a
     worker's last words can arrive in the middle of it. Records in `died` (rank -> exit code,
-    negative for a signal) what torchrun says of each failed worker."""
+    negative for a signal) the worker torchrun names as the first to fail."""
     import re
 
     noise, said = False, set()
