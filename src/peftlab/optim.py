@@ -40,19 +40,18 @@ MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # a 32-bit mixing constant (odd, < 2³¹ so products of 32-bit values fit in int64)
 
 
-def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", residuals=None,
-          masters=None) -> torch.optim.Optimizer:
+def adamw(groups, lr: float, weight_decay: float, master_weights: str = "fp32", start=None) -> torch.optim.Optimizer:
     """AdamW for `groups` (tensors or param-group dicts).
 
     fp32: torch's fused kernel, one pass over each tensor instead of a dozen foreach passes,
     ~4.5× faster on the CPU for a full fine-tune of SmolLM2 and no model-sized temporaries;
-    with `masters` {bf16 parameter: its fp32 weight}, the optimizer holds those fp32 masters
-    (MasterAdamW). bf16-compensated: `residuals` {parameter: bf16 tensor} start the
-    compensation buffers (`rounding_residual`), so the run starts from the exact fp32 weights."""
+    `start` {bf16 parameter: its fp32 weight} makes the optimizer hold those fp32 masters
+    (MasterAdamW). bf16-compensated: `start` {parameter: bf16 tensor} holds the compensation
+    buffers' first values (`rounding_residual`), so the run starts from the exact fp32 weights."""
     if master_weights == "bf16-compensated":
-        return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay, residuals=residuals)
-    if masters:
-        return MasterAdamW(groups, lr=lr, weight_decay=weight_decay, masters=masters)
+        return CompensatedAdamW(groups, lr=lr, weight_decay=weight_decay, residuals=start)
+    if start:
+        return MasterAdamW(groups, lr=lr, weight_decay=weight_decay, masters=start)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 

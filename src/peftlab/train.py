@@ -326,10 +326,7 @@ def _signal_of(total: float) -> int:
 
 
 def adamw(params, cfg: TrainConfig, start=None) -> torch.optim.Optimizer:
-    start = start or {}
-    if cfg.master_weights == "bf16-compensated":
-        return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, residuals=start)
-    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, masters=start)
+    return optim.adamw(params, cfg.lr, cfg.weight_decay, cfg.master_weights, start)
 
 
 def _masters(model, prepared, cfg: TrainConfig, dtype) -> dict:
