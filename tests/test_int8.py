@@ -48,6 +48,68 @@ def test_the_input_gradient_folds_the_weight_scales_into_dy():
     torch.testing.assert_close(x.grad, (gq.float() @ layer.qweight.float()) * sg, rtol=1e-6, atol=1e-6)
 
 
+def _outlier_inputs():
+    """x (256, 64) whose channel 5 is ~60× the others (what SmolLM2's residual stream does)."""
+    torch.manual_seed(1)
+    x = torch.randn(256, 64)
+    x[:, 5] *= 60
+    return x
+
+
+def test_outlier_channels_stay_fp32_so_the_rest_keep_their_precision():
+    x = _outlier_inputs().requires_grad_()
+    want = _linear()(x)
+    dy = torch.randn(256, 48)
+    (want * dy).sum().backward()
+    want_dx, x.grad = x.grad.clone(), None
+    plain = int8.to_int8(_linear(), "float")
+    split = int8.to_int8(_linear(), "float", x_range=x.detach().abs().amax(dim=0))
+    assert 5 in split.outliers.tolist() and len(split.outliers) == int8.OUTLIERS
+    rel = lambda a, b: float((a - b).detach().norm() / b.norm())  # noqa: E731
+    errors = {}
+    for name, layer in (("plain", plain), ("split", split)):
+        y = layer(x)
+        (y * dy).sum().backward()
+        errors[name] = rel(y, want), rel(x.grad, want_dx)
+        x.grad = None
+    assert errors["split"][0] < errors["plain"][0] / 3, errors  # forward: the per-token scale no longer spent on them
+    assert errors["split"][1] < errors["plain"][1], errors  # dx: never worse (those columns are exact)
+    w = _linear().weight  # the weight reads back with its fp32 columns exact, the rest within half a step
+    assert torch.equal(split.weight[:, split.outliers], w[:, split.outliers])
+    assert ((split.weight - w).abs() <= split.wscale[:, None] / 2 + 1e-7).all()
+
+
+def test_an_outlier_layers_input_gradient_is_the_int8_product_plus_its_fp32_columns():
+    x = _outlier_inputs().requires_grad_()
+    layer = int8.to_int8(_linear(), "float", x_range=x.detach().abs().amax(dim=0))
+    dy = torch.randn(256, 48)
+    layer(x).backward(dy)
+    gq, sg = int8.quantize_rows(dy * layer.wscale)
+    want = (gq.float() @ layer.qweight.float()) * sg
+    want[:, layer.outliers] = dy @ layer.outlier_weight
+    torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_calibration_reads_each_frozen_layer_and_leaves_the_model_as_it_was(text_file):
+    def quantized():
+        loaded = models.load("tiny-llama", seed=0)
+        perturb(loaded.model)
+        prepare(loaded.model, "lora:r=4", loaded.tokenizer)
+        ids = data.load_blocks(loaded, str(text_file), 32).train_ids[:int8.CALIBRATION_ROWS]
+        loaded.model.train()
+        n = int8.quantize_frozen(loaded.model, torch.device("cpu"), ids)
+        return loaded.model, n
+
+    model, n = quantized()
+    layers = [m for m in model.modules() if int8.is_int8(m)]
+    assert n == len(layers) > 0 and model.training
+    assert all(len(m.outliers) == min(int8.OUTLIERS, m.in_features) for m in layers)  # each saw its inputs
+    assert not any(m._forward_pre_hooks for m in model.modules())  # nothing left listening
+    again, _ = quantized()  # what a resumed run rebuilds: the same base, bit for bit
+    for a, b in zip(layers, [m for m in again.modules() if int8.is_int8(m)]):
+        assert all(torch.equal(getattr(a, t), getattr(b, t)) for t in ("qweight", "wscale", "outliers", "outlier_weight"))
+
+
 def test_the_two_kernels_give_the_same_numbers():
     x = torch.randn(32, 64)
     a = int8.to_int8(_linear(), "float")(x)
@@ -101,7 +163,10 @@ def test_int8_base_halves_the_frozen_linear_bytes(text_file):
     loaded8, _ = _train("lora:r=4", text_file, "int8", steps=1, dtype="bf16")
     layers = [m for m in loaded8.model.modules() if int8.is_int8(m)]
     weights, scales = sum(m.qweight.numel() for m in layers), sum(m.wscale.numel() for m in layers)
-    assert bf16_bytes - params.storage_bytes(loaded8.model) == weights - 4 * scales  # 2 → 1 byte each, plus fp32 scales
+    outliers = sum(m.outlier_weight.numel() * 4 + m.outliers.numel() * 8 for m in layers)  # fp32 columns, int64 indices
+    # 2 → 1 byte each, plus fp32 scales and the fp32 outlier columns
+    assert bf16_bytes - params.storage_bytes(loaded8.model) == weights - 4 * scales - outliers
+    assert int8.int8_bytes(loaded8.model) == weights + 4 * scales + outliers
 
 
 def test_int8_base_compiles_to_the_same_losses(text_file):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, compiling, distributed, memory, optim, runtime
+from . import checkpoint, compiling, distributed, int8, memory, optim, runtime
 from .config import TrainConfig, check_base_precision, check_master_weights
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
@@ -68,7 +68,8 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     state, tensors = resume_point(out, ident, resume)
     first = state["step"] + 1 if state else 1
     work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
-    runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show)
+    runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show,
+                                                       blocks.train_ids[:int8.CALIBRATION_ROWS])
     opt = optimizer(model, prepared, cfg, start)
     later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
     if state:
@@ -178,17 +179,18 @@ def resume_point(out: Path | None, identity: dict, resume: bool) -> tuple[dict |
     return state, tensors
 
 
-def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool):
+def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool, calibration=None):
     """Put the model where and how it trains: on the device, the frozen base in its precision
     (int8, or `dtype`), activation recomputation, compiled blocks, wrapped for DDP/FSDP.
-    `work`: the tokens left to train (compiling pays only for long runs). Returns (runner,
+    `work`: the tokens left to train (compiling pays only for long runs); `calibration`: token
+    ids the frozen layers see before an int8 base is quantized (int8.py). Returns (runner,
     loss module, by name what the optimizer's per-weight state starts from — bf16 rounding
     residuals (compensated masters) or fp32 masters of weights stored in bf16 — undo-compile or None)."""
     model.to(device)
     if cfg.base_precision == "int8":
-        from . import int8
-
-        int8.quantize_frozen(model, device)  # from the fp32 weights, before they are stored in `dtype`
+        # from the fp32 weights, before they are stored in `dtype`; the first rows of the training
+        # data (the same in every process and on resume) pick each layer's fp32 outlier channels
+        int8.quantize_frozen(model, device, calibration)
         say(int8.int8_note(device), show)
     for t in prepared.training:  # before a resume restores their state: that state is planned for this run
         t.start(model, cfg.steps)
