@@ -17,8 +17,8 @@ Trainable parameters, their gradients, norms, attention and the loss keep their 
 
 Outlier channels (as LLM.int8() does, but fixed once): a few input channels of some layers carry
 values tens of times larger than the rest, and one scale per token would spend int8's range on
-them. Before quantizing, the frozen layers see a few rows of the training data once
-(`input_ranges`); each layer keeps the weight columns of its OUTLIERS widest input channels
+them. Before quantizing, the frozen layers see the first CALIBRATION_TOKENS of the training
+data once (`input_ranges`); each layer keeps the weight columns of its OUTLIERS widest input channels
 in fp32 and multiplies those channels there, the rest in int8:
 
     y  = xq · Wqᵀ (int8, outlier channels zeroed in both)  +  x[:, o] · W[:, o]ᵀ (fp32, (M, k) · (k, out))
@@ -48,7 +48,7 @@ from .errors import UserError
 
 KERNELS = ("int_mm", "float")
 OUTLIERS = 8  # input channels a layer multiplies in fp32 (of 576 or 1536 in SmolLM2); 0.05–0.2% more GEMM work
-CALIBRATION_ROWS = 8  # training rows the frozen layers see before quantizing (8 × 256 tokens: ~3 s on 2 cores)
+CALIBRATION_TOKENS = 2048  # of training data the frozen layers see before quantizing (~3 s on 2 cores for SmolLM2)
 
 
 def native_int8(device: torch.device) -> bool:
@@ -99,7 +99,8 @@ def _(a, b, kernel):
 
 
 class Int8MatMul(torch.autograd.Function):
-    """y = x · (Wq · diag(sw))ᵀ with x quantized per token; backward gives dx only."""
+    """y = x · (Wq · diag(sw))ᵀ with x quantized per token, plus the outlier channels' fp32
+    product; backward gives dx only."""
 
     @staticmethod
     def forward(ctx, x, qweight, wscale, outliers, outlier_weight, kernel):
@@ -109,7 +110,9 @@ class Int8MatMul(torch.autograd.Function):
         ctx.kernel, ctx.dtype = kernel, x.dtype
         x2 = x.reshape(-1, x.shape[-1]).float()
         xq, sx = quantize_rows(x2.index_fill(1, outliers, 0.0))  # the per-token scale without them
-        y = int8_mm(xq, qweight.t(), kernel) * sx * wscale + x2[:, outliers] @ outlier_weight.t()
+        with torch.autocast(x.device.type, enabled=False):  # the outlier columns' product stays fp32
+            wide = x2[:, outliers] @ outlier_weight.t()  # (M, k) · (k, out)
+        y = int8_mm(xq, qweight.t(), kernel) * sx * wscale + wide
         return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
     @staticmethod
@@ -118,7 +121,9 @@ class Int8MatMul(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).float()
         gq, sg = quantize_rows(dy2 * wscale)  # fold W's per-output scales into dy
         dx = int8_mm(gq, qweight, ctx.kernel) * sg  # (M, out) · (out, in): zero in the outlier columns
-        dx = dx.index_copy(1, outliers, dy2 @ outlier_weight)  # (M, out) · (out, k), fp32
+        with torch.autocast(dy.device.type, enabled=False):
+            wide = dy2 @ outlier_weight  # (M, out) · (out, k), fp32
+        dx = dx.index_copy(1, outliers, wide)
         return dx.to(ctx.dtype).reshape(*dy.shape[:-1], qweight.shape[1]), None, None, None, None, None
 
 
@@ -182,8 +187,8 @@ def is_int8(module: nn.Module) -> bool:
 
 def quantize_frozen(model: nn.Module, device: torch.device, calibration: torch.Tensor | None = None) -> int:
     """Store every frozen nn.Linear inside the decoder blocks in int8; returns how many.
-    `calibration` (rows, T) token ids: the layers' inputs on them pick each layer's outlier
-    channels (None: none).
+    `calibration` (rows, T) token ids: the layers' inputs on its first CALIBRATION_TOKENS pick
+    each layer's outlier channels (None: none).
 
     Trained linear layers (full and freeze strategies), GPT-2's Conv1D layers and everything
     outside the blocks (embeddings, the output layer) keep their precision."""
@@ -192,7 +197,10 @@ def quantize_frozen(model: nn.Module, device: torch.device, calibration: torch.T
     kernel = "int_mm" if native_int8(device) else "float"
     frozen = {name: layer for name, layer in linear_layers(model).items()
               if type(layer) is nn.Linear and not layer.weight.requires_grad}
-    ranges = input_ranges(model, frozen, calibration.to(device)) if calibration is not None else {}
+    ranges = {}
+    if calibration is not None:
+        ids = calibration[:max(1, CALIBRATION_TOKENS // calibration.shape[1])].to(device)
+        ranges = input_ranges(model, frozen, ids)
     for name, layer in frozen.items():
         to_int8(layer, kernel, ranges.get(name))
     _own_memory(model)
@@ -216,8 +224,9 @@ def input_ranges(model: nn.Module, layers: dict, ids: torch.Tensor) -> dict:
     was_training = model.training
     model.eval()
     try:
-        for row in range(0, len(ids), 4):  # 4 rows at a time: the activations stay small
-            model.base_model(input_ids=ids[row:row + 4])
+        step = max(1, 1024 // ids.shape[1])  # ≤ 1,024 tokens at a time: the activations stay small
+        for row in range(0, len(ids), step):
+            model.base_model(input_ids=ids[row:row + step])
     finally:
         model.train(was_training)
         for h in hooks:

@@ -68,8 +68,7 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     state, tensors = resume_point(out, ident, resume)
     first = state["step"] + 1 if state else 1
     work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
-    runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show,
-                                                       blocks.train_ids[:int8.CALIBRATION_ROWS])
+    runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show, blocks.train_ids)
     opt = optimizer(model, prepared, cfg, start)
     later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
     if state:
@@ -188,8 +187,8 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
     residuals (compensated masters) or fp32 masters of weights stored in bf16 — undo-compile or None)."""
     model.to(device)
     if cfg.base_precision == "int8":
-        # from the fp32 weights, before they are stored in `dtype`; the first rows of the training
-        # data (the same in every process and on resume) pick each layer's fp32 outlier channels
+        # from the fp32 weights, before they are stored in `dtype`; the first training rows (the
+        # same in every process and on resume) pick each layer's fp32 outlier channels
         int8.quantize_frozen(model, device, calibration)
         say(int8.int8_note(device), show)
     for t in prepared.training:  # before a resume restores their state: that state is planned for this run
