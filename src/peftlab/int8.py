@@ -210,27 +210,20 @@ def quantize_frozen(model: nn.Module, device: torch.device, calibration: torch.T
 @torch.no_grad()
 def input_ranges(model: nn.Module, layers: dict, ids: torch.Tensor) -> dict:
     """The largest |input| per channel (in,) of each layer in `layers` (name -> nn.Linear)
-    while the decoder runs on `ids` (rows, T), in the weights' own precision, dropout off.
-    The output layer is not run: only the decoder stack's layers are asked about."""
+    while the decoder runs on `ids` (rows, T) in the weights' own precision, dropout off
+    (methods/calibration.py's hooked forward, as LoRA's data-driven inits use). The output
+    layer is not run: its logits made the calibration's resident peak 340 MB higher."""
+    from .methods.calibration import run_hooked
+
     ranges = {}
 
-    def record(name):
-        def hook(module, args):
-            r = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-            ranges[name] = torch.maximum(ranges[name], r) if name in ranges else r
-        return hook
+    def seen(name, x, keep):
+        r = x[keep].abs().amax(dim=0).float()  # (in,) over the tokens that count
+        ranges[name] = torch.maximum(ranges[name], r) if name in ranges else r
 
-    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        step = max(1, 256 // ids.shape[1])  # ≤ 256 tokens at a time: 4 × 256 at once raised the peak by 400 MB
-        for row in range(0, len(ids), step):
-            model.base_model(input_ids=ids[row:row + step])
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    step = max(1, 256 // ids.shape[1])  # ≤ 256 tokens at a time: 4 × 256 at once raised the peak by 400 MB
+    for chunk in ids.split(step):
+        run_hooked(model, layers, {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}, seen, model.base_model)
     return ranges
 
 

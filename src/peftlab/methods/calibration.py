@@ -47,11 +47,12 @@ def take(calibration, count: int, method: str):
 
 
 @torch.no_grad()
-def run_hooked(model: nn.Module, layers: dict, batch: dict, seen) -> None:
+def run_hooked(model: nn.Module, layers: dict, batch: dict, seen, run: nn.Module | None = None) -> None:
     """One forward pass of `batch` with `seen(path, x, keep)` called with the input of each
     layer in `layers` ({path: module}): x (b, t, n), keep (b, t) bool = the tokens that count
     (attention mask, and labels ≠ -100 where labels are given, as peft's EVA). The model runs
-    in eval mode (no dropout) and goes back to its mode after."""
+    in eval mode (no dropout) and goes back to its mode after. `run`: the module called (the
+    model; the int8 base runs `model.base_model`, the decoder without the output layer)."""
     device = next(model.parameters()).device
     mask = batch["attention_mask"].to(device).bool()
     keep = mask & (batch["labels"].to(device) != -100) if "labels" in batch else mask
@@ -67,7 +68,7 @@ def run_hooked(model: nn.Module, layers: dict, batch: dict, seen) -> None:
     was_training = model.training
     model.eval()
     try:
-        model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+        (run or model)(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
     finally:
         model.train(was_training)
         for h in handles:
