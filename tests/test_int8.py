@@ -205,7 +205,7 @@ def test_cli_base_precision(cli, text_file, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     code, _, err = cli("train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--base-precision", "int4",
                        "--out", str(tmp_path / "bad"))
-    assert code == 2 and "--base-precision must be float or int8" in err and "Traceback" not in err
+    assert code == 2 and "--base-precision must be auto, float or int8" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
 
 
@@ -221,3 +221,69 @@ def test_resume_refuses_another_base_precision(cli, text_file, tmp_path):
     assert state["identity"]["base_precision"] == "int8"
     with pytest.raises(UserError, match="--base-precision int8"):
         checkpoint.check_identity(state["identity"], state["identity"] | {"base_precision": "float"}, tmp_path)
+
+
+def _frozen_bytes(model, dtype):
+    return sum(m.weight.numel() for m in int8._frozen_linear(model).values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def test_auto_is_float_unless_the_base_would_not_fit(monkeypatch):
+    loaded = models.load("tiny-llama", seed=0)
+    prepare(loaded.model, "lora:r=4", loaded.tokenizer)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    need = _frozen_bytes(loaded.model, bf16)
+    assert need > 0
+    assert int8.choose("float", loaded.model, cpu, bf16) == ("float", None)  # the user's word
+    assert int8.choose("int8", loaded.model, cpu, bf16) == ("int8", None)
+    monkeypatch.setattr(int8.memory, "available", lambda device: 2 * need)
+    assert int8.choose("auto", loaded.model, cpu, bf16) == ("float", None)  # half the free memory: fits
+    assert int8.choose("auto", loaded.model, cpu, bf16, copies=2)[0] == "int8"  # two processes' bases do not
+    assert int8.choose("auto", loaded.model, cpu, torch.float32)[0] == "int8"  # 4 bytes a weight do not either
+    monkeypatch.setattr(int8.memory, "available", lambda device: 2 * need - 1)
+    chosen, note = int8.choose("auto", loaded.model, cpu, bf16)
+    assert chosen == "int8" and "in int8" in note and "--base-precision float" in note
+    assert int8.choose("auto", loaded.model, cpu, bf16, fsdp=True) == ("float", None)  # FSDP shards no buffers
+    monkeypatch.setattr(int8.memory, "available", lambda device: None)
+    assert int8.choose("auto", loaded.model, cpu, bf16) == ("float", None)  # unknown: no guess
+    monkeypatch.setattr(int8.memory, "available", lambda device: 1)
+    full = models.load("tiny-llama", seed=0)
+    prepare(full.model, "full", full.tokenizer)
+    assert int8.choose("auto", full.model, cpu, bf16) == ("float", None)  # nothing frozen to store in int8
+
+
+def test_available_memory_is_read():
+    free = int8.memory.available(torch.device("cpu"))
+    assert free is None or free > 0
+
+
+def test_cli_auto_decides_and_records_it(cli, text_file, tmp_path, monkeypatch):
+    args = ["train", "-m", "tiny-llama", "-d", str(text_file), "-s", "lora:r=4", "--steps", "2", "--seq-len", "32",
+            "--batch-size", "2"]
+    code, _, err = cli(*args, "--quiet", "--out", tmp_path / "roomy")
+    assert code == 0, err
+    run = json.loads((tmp_path / "roomy" / "run.json").read_text())
+    assert run["config"]["base_precision"] == "auto" and run["result"]["base_precision"] == "float"
+    monkeypatch.setattr(int8.memory, "available", lambda device: 1000)
+    code, _, err = cli(*args, "--out", tmp_path / "tight")
+    assert code == 0, err
+    assert "stored in int8 (--base-precision auto" in err
+    assert json.loads((tmp_path / "tight" / "run.json").read_text())["result"]["base_precision"] == "int8"
+
+
+def test_a_resumed_auto_run_keeps_its_checkpoints_choice(text_file, tmp_path, monkeypatch):
+    def run(resume):
+        loaded = models.load("tiny-llama", seed=0)
+        blocks = data.load_blocks(loaded, str(text_file), 32)
+        prepared = prepare(loaded.model, "lora:r=4", loaded.tokenizer)
+        cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=-1, device="cpu", checkpoint_every=1)
+        train(loaded.model, blocks, prepared, cfg, out=tmp_path, show=False, resume=resume)
+        return any(int8.is_int8(m) for m in loaded.model.modules())
+
+    with monkeypatch.context() as m:
+        m.setattr(int8.memory, "available", lambda device: 1000)
+        assert run(resume=False)  # memory was short: int8
+    from peftlab import checkpoint
+
+    assert checkpoint.read(checkpoint.latest(tmp_path))[0]["identity"]["base_precision"] == "int8"
+    assert run(resume=True)  # memory is plentiful now, but the checkpoint's base was int8
+    assert not run(resume=False)  # a fresh run decides anew

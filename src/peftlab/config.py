@@ -24,16 +24,19 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating them (DDP)
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, more time
     chunked_loss: bool = True  # never materialise the (B, T, V) fp32 logits (see loss.py)
-    base_precision: str = "float"  # float: frozen weights in `dtype`; int8: frozen linear layers in int8 (int8.py)
+    base_precision: str = "auto"  # float: frozen weights in `dtype`; int8: frozen linear layers in int8; auto: int8.choose
     master_weights: str = "fp32"  # fp32 | bf16-compensated: how trained weights and AdamW moments are kept (optim.py)
     compile: bool | None = None  # torch.compile each decoder block and the loss; None: when the run is long enough to pay
+
+
+BASE_PRECISIONS = ("auto", "float", "int8")
 
 
 def check_base_precision(name: str) -> None:
     from .errors import UserError
 
-    if name not in ("float", "int8"):
-        raise UserError(f"--base-precision must be float or int8, got '{name}'")
+    if name not in BASE_PRECISIONS:
+        raise UserError(f"--base-precision must be auto, float or int8, got '{name}'")
 
 
 MASTER_WEIGHTS = ("fp32", "bf16-compensated")

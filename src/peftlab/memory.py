@@ -36,6 +36,22 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def available(device: torch.device) -> int | None:
+    """Bytes a run could still take: free GPU memory, or on Linux the kernel's MemAvailable
+    (free pages plus the page cache it can reclaim, which holds a memory-mapped weight file);
+    None where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

@@ -41,8 +41,9 @@ CHECKPOINT_EVERY = typer.Option(D.checkpoint_every, "--checkpoint-every",
                                 help="checkpoint the whole training state every N steps (0: only on SIGTERM/SIGINT)")
 GRAD_CHECKPOINT = typer.Option(D.grad_checkpoint, "--grad-checkpoint", help="recompute activations in backward: less memory, more time")
 BASE_PRECISION = typer.Option(D.base_precision, "--base-precision",
-                              help="float | int8: keep the frozen linear layers in --dtype, or in int8 (per-channel scales; "
-                                   "int8 GEMMs with per-token scales; half the base memory)")
+                              help="auto | float | int8: keep the frozen linear layers in --dtype, or in int8 (per-channel scales; "
+                                   "int8 GEMMs with per-token scales; half the base memory); auto: int8 only when the "
+                                   "frozen base in --dtype would take over half the free memory (it is not faster)")
 MASTER_WEIGHTS = typer.Option(D.master_weights, "--master-weights",
                               help="fp32 | bf16-compensated: trained weights as fp32 masters, or bf16 with Kahan-compensated "
                                    "updates and bf16 moments (with --dtype bf16; leaner for full and freeze strategies)")

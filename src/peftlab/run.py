@@ -86,10 +86,12 @@ def describe(r: Run, data_options: dict, tasks: dict, resumed: list | None = Non
     return described | ({"resumed": resumed} if resumed else {})
 
 
-def result(records: list, seconds: float, adapter_bytes: int, base_bytes: int, tasks: dict | None = None) -> dict:
-    """run.json's "result", added when the run finished."""
+def result(records: list, seconds: float, adapter_bytes: int, base_bytes: int, tasks: dict | None = None,
+           base_precision: str | None = None) -> dict:
+    """run.json's "result", added when the run finished (`base_precision`: what the frozen base
+    was kept in, --base-precision auto decided)."""
     evals = [x["eval_loss"] for x in records if "eval_loss" in x]
-    found = {"seconds": seconds, "first_eval_loss": evals[0] if evals else None,
+    found = {"seconds": seconds, "base_precision": base_precision, "first_eval_loss": evals[0] if evals else None,
              "final_eval_loss": evals[-1] if evals else None, "adapter_bytes": adapter_bytes, "base_fp32_bytes": base_bytes,
              "skipped_steps": sum(1 for x in records if x.get("skipped"))}
     return found | ({"tasks": tasks} if tasks else {})

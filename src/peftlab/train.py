@@ -11,14 +11,16 @@ A non-finite loss or gradient stops the run (or skips the step with `skip_nonfin
 Under torchrun the same loop trains data-parallel (distributed.py).
 
 `train` is the loop; its phases are the functions below it, in the order it calls them:
-check_run → resume_point → ready_model → optimizer → Log → one_step (per step). The loss of
+check_run → resume_point → base_precision → ready_model → optimizer → Log → one_step (per step). The loss of
 a batch and of the held-out set is loss.py's, the learning-rate schedule optim.py's, and what
 a method does while training is its `Training` (methods/protocol.py).
 """
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,8 +66,11 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     out = Path(out) if out is not None else None
     device, dtype = check_run(prepared, cfg, show)
     torch.manual_seed(cfg.seed)
+    state, tensors = resume_point(out, resume)
+    cfg = base_precision(model, cfg, device, dtype, show, state["identity"] if state else None)
     ident = run_identity(model, blocks, prepared, cfg, identity)
-    state, tensors = resume_point(out, ident, resume)
+    if state:
+        checkpoint.check_identity(state["identity"], ident, out)
     first = state["step"] + 1 if state else 1
     work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
     runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show, blocks.train_ids)
@@ -159,7 +164,7 @@ def check_run(prepared, cfg: TrainConfig, show: bool) -> tuple[torch.device, tor
     return device, dtype
 
 
-def resume_point(out: Path | None, identity: dict, resume: bool) -> tuple[dict | None, dict | None]:
+def resume_point(out: Path | None, resume: bool) -> tuple[dict | None, dict | None]:
     """(state.json, tensors) of the checkpoint to continue from, or (None, None) for a fresh
     run, whose output folder loses any earlier run's checkpoints (they must not be resumed later)."""
     if not resume:
@@ -173,9 +178,25 @@ def resume_point(out: Path | None, identity: dict, resume: bool) -> tuple[dict |
     found = checkpoint.latest(out)
     if not found:
         return None, None
-    state, tensors = checkpoint.read(found)
-    checkpoint.check_identity(state["identity"], identity, out)
-    return state, tensors
+    return checkpoint.read(found)
+
+
+def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: dict | None = None) -> TrainConfig:
+    """`cfg` with --base-precision auto decided (int8.choose), the same in every process: each
+    holds its own copy of the base, so one that needs int8 to fit decides for all (on one CPU
+    the local processes share its memory, so the base counts once per process there). A
+    resumed run keeps the choice its checkpoint was made with (`resumed`: its identity), since
+    the memory free now may differ and the base must be rebuilt as it was."""
+    if cfg.base_precision != "auto":
+        return cfg
+    if resumed and resumed.get("base_precision") in ("float", "int8"):
+        return dataclasses.replace(cfg, base_precision=resumed["base_precision"])
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() and device.type == "cpu" else 1
+    chosen, note = int8.choose("auto", model, device, dtype, cfg.fsdp, copies)
+    if distributed.world_size() > 1:
+        chosen = "int8" if distributed.all_sum([float(chosen == "int8")], device)[0] > 0 else "float"
+    say(note, show)
+    return dataclasses.replace(cfg, base_precision=chosen)
 
 
 def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool, calibration=None):

@@ -93,7 +93,7 @@ CLAIMED = "PEFTLAB_CLAIMED_OUT"  # set by the --nproc launcher for its workers: 
 
 def _train(ctx, out_dir: Path, a: dict):
     """The run itself, once --out is claimed: load and check everything, then write."""
-    from .. import artifacts, checkpoint, distributed, report_to as report_to_mod, run as run_mod, runtime
+    from .. import artifacts, checkpoint, distributed, int8, report_to as report_to_mod, run as run_mod, runtime
     from ..files import write_json
     from ..tasks.evaluate import Scorer, summary as task_summary
     from ..config import TrainConfig
@@ -151,8 +151,9 @@ def _train(ctx, out_dir: Path, a: dict):
         return
     size = artifacts.size_on_disk(folder)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    int8_base = any(int8.is_int8(m) for m in job.loaded.model.modules())
     run["result"] = run_mod.result(records, time.perf_counter() - start, size, base_bytes,
-                                   task_summary(scorer, records) if scorer else None)
+                                   task_summary(scorer, records) if scorer else None, "int8" if int8_base else "float")
     run["finished_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(run_file, run)
     if evals:
