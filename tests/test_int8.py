@@ -287,3 +287,24 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_choice(text_file, tmp_path, mo
     assert checkpoint.read(checkpoint.latest(tmp_path))[0]["identity"]["base_precision"] == "int8"
     assert run(resume=True)  # memory is plentiful now, but the checkpoint's base was int8
     assert not run(resume=False)  # a fresh run decides anew
+
+
+def test_one_process_short_of_memory_decides_for_all(monkeypatch):
+    import importlib
+
+    from peftlab import distributed
+
+    train_mod = importlib.import_module("peftlab.train")  # the module (the package's `train` is its function)
+
+    loaded = models.load("tiny-llama", seed=0)
+    prepare(loaded.model, "lora:r=4", loaded.tokenizer)
+    cfg, cpu = TrainConfig(device="cpu"), torch.device("cpu")
+    sent = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_sum", lambda values, device: sent.append(values) or [values[0] + 1.0])
+    assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False).base_precision == "int8"
+    assert sent == [[0.0]]  # this process had room: it asked for float, the other one for int8
+    monkeypatch.setattr(distributed, "all_sum", lambda values, device: values)  # nobody short
+    assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False).base_precision == "float"
+    resumed = {"base_precision": "int8"}  # a checkpoint's choice stands
+    assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False, resumed).base_precision == "int8"
