@@ -289,7 +289,7 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_choice(text_file, tmp_path, mo
     assert not run(resume=False)  # a fresh run decides anew
 
 
-def test_one_process_short_of_memory_decides_for_all(monkeypatch):
+def test_one_process_short_of_memory_decides_for_all(monkeypatch, capsys):
     import importlib
 
     from peftlab import distributed
@@ -302,8 +302,9 @@ def test_one_process_short_of_memory_decides_for_all(monkeypatch):
     sent = []
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "all_sum", lambda values, device: sent.append(values) or [values[0] + 1.0])
-    assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False).base_precision == "int8"
+    assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, True).base_precision == "int8"
     assert sent == [[0.0]]  # this process had room: it asked for float, the other one for int8
+    assert "another training process has too little memory" in capsys.readouterr().err
     monkeypatch.setattr(distributed, "all_sum", lambda values, device: values)  # nobody short
     assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False).base_precision == "float"
     resumed = {"base_precision": "int8"}  # a checkpoint's choice stands

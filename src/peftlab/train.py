@@ -194,7 +194,11 @@ def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: 
     copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() and device.type == "cpu" else 1
     chosen, note = int8.choose("auto", model, device, dtype, cfg.fsdp, copies)
     if distributed.world_size() > 1:
-        chosen = "int8" if distributed.all_sum([float(chosen == "int8")], device)[0] > 0 else "float"
+        wanted = chosen == "int8"
+        chosen = "int8" if distributed.all_sum([float(wanted)], device)[0] > 0 else "float"
+        if chosen == "int8" and not wanted:
+            note = ("note: another training process has too little memory for the float base, so every one stores it "
+                    "in int8 (--base-precision auto; --base-precision float keeps it)")
     say(note, show)
     return dataclasses.replace(cfg, base_precision=chosen)
 
