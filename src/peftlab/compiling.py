@@ -36,15 +36,17 @@ def compile_plan(requested: bool | None, device: torch.device, model, tokens: in
                   "the first step is slower; --no-compile to skip")
 
 
-def compile_blocks(model):
+def compile_blocks(model, rows: int = 0, dtype: torch.dtype = torch.float32):
     """torch.compile each decoder block in place (its hooks, so every method's modules, included).
 
     Blocks are where the elementwise work is (norms, rotary, gated MLP, residual adds); fused,
     it runs faster and keeps fewer intermediates for backward. Parameter names do not change.
-    Attention switches to attention.py's fused-backward version where it applies. Returns a
-    function that undoes both (generation after training should not recompile per cache length).
+    Attention switches to attention.py's fused-backward version where it applies, and linear
+    layers whose products run faster split by rows at the run's `rows` (batch × sequence per
+    process) in `dtype` compute that way (gemm.py). Returns a function that undoes all of it
+    (generation after training should not recompile per cache length).
     """
-    from . import attention
+    from . import attention, gemm
     from .components import arch_of
 
     device = next(model.parameters()).device
@@ -55,12 +57,14 @@ def compile_blocks(model):
     # dynamo does not guard on the hooks of modules inside a block, which is where added
     # modules live. Start from an empty cache, so each run traces its own hooks.
     torch.compiler.reset()
+    unsplit = gemm.use(blocks, rows, dtype)
     for block in blocks:
         block.compile()
     previous = attention.use(model)
 
     def undo():
         attention.restore(model, previous)
+        unsplit()
         for block in blocks:
             compat.uncompile(block)
 

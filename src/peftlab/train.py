@@ -203,18 +203,20 @@ def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: 
     return dataclasses.replace(cfg, base_precision=chosen)
 
 
-def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool, calibration=None):
+def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, show: bool, train_ids=None):
     """Put the model where and how it trains: on the device, the frozen base in its precision
     (int8, or `dtype`), activation recomputation, compiled blocks, wrapped for DDP/FSDP.
-    `work`: the tokens left to train (compiling pays only for long runs); `calibration`: token
-    ids the frozen layers see before an int8 base is quantized (int8.py). Returns (runner,
+    `work`: the tokens left to train (compiling pays only for long runs); `train_ids` (rows, T):
+    the training rows, whose first tokens the frozen layers see before an int8 base is
+    quantized (int8.py) and whose length sets the rows compiled products are planned for
+    (gemm.py). Returns (runner,
     loss module, by name what the optimizer's per-weight state starts from — bf16 rounding
     residuals (compensated masters) or fp32 masters of weights stored in bf16 — undo-compile or None)."""
     model.to(device)
     if cfg.base_precision == "int8":
         # from the fp32 weights, before they are stored in `dtype`; the first training rows (the
         # same in every process and on resume) pick each layer's fp32 outlier channels
-        int8.quantize_frozen(model, device, calibration)
+        int8.quantize_frozen(model, device, train_ids)
         say(int8.int8_note(device), show)
     for t in prepared.training:  # before a resume restores their state: that state is planned for this run
         t.start(model, cfg.steps)
@@ -225,7 +227,9 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
         memory.enable_checkpointing(model)
     compiled, why = compiling.compile_plan(cfg.compile, device, model, work)
     say(why, show)
-    uncompile = compiling.compile_blocks(model) if compiled else None
+    # the rows each process's products see (FSDP's gathered weights: left to torch)
+    rows = 0 if cfg.fsdp or train_ids is None else cfg.batch_size // distributed.world_size() * train_ids.shape[1]
+    uncompile = compiling.compile_blocks(model, rows, dtype) if compiled else None
     model.train()
     loss_module = LossModule(model, cfg.chunked_loss, compiled)
     from .components import arch_of
