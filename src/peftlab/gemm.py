@@ -8,8 +8,9 @@ projection forward; the gate and up projections' input gradient) and its 576 →
 one thread: the second thread's CPU time read 0 (at 512 or 2,048 rows both threads work). As
 two calls of 512 rows, each on both threads, the 1536 → 576 product ran 1.69× faster (median
 of 24 paired alternations; 304–326 GFLOP/s whole) and bit for bit the same; a LoRA training
-step ran 1.10–1.24× faster in four alternating pairs of runs, with the same losses to the
-last bit. (576 → 576 split gained or lost about 10% by turns: too small a product to matter.)
+step ran 1.01–1.47× faster (median 1.15×) in seven alternating pairs of runs, with the same
+losses to the last bit. (576 → 576 split gained or lost about 10% by turns: too small a
+product to matter.)
 
 So `plan` looks, for each linear shape of the blocks at the run's rows, forward (x·Wᵀ) and
 for the input gradient (dy·W), at how many threads torch keeps busy (their CPU time, from
