@@ -47,6 +47,18 @@ def test_row_split_linear_matches_linear(trained, compiled):
         assert layer.weight.grad is None
 
 
+def test_forward_and_input_gradient_each_split_as_planned(monkeypatch):
+    calls = []
+    product = gemm.split_mm
+    monkeypatch.setattr(gemm, "split_mm", lambda a, b, parts: calls.append((tuple(a.shape), parts)) or product(a, b, parts))
+    layer = _split(nn.Linear(12, 6, bias=False).requires_grad_(False), rows=16, parts=(2, 1))
+    x = torch.randn(16, 12, requires_grad=True)
+    y = layer(x)
+    assert calls == [((16, 12), 2)]  # forward: x (16, 12) in halves
+    y.sum().backward()
+    assert calls[1:] == [((16, 6), 1)]  # input gradient: dy (16, 6) whole, as planned
+
+
 def test_a_frozen_layer_keeps_no_activation_for_backward():
     layer = _split(nn.Linear(12, 6, bias=False).requires_grad_(False), rows=16)
     x = torch.randn(16, 12, requires_grad=True)
@@ -61,9 +73,11 @@ def test_other_row_counts_and_autocast_run_as_linear():
     layer = _split(nn.Linear(12, 6, bias=False), rows=16)
     x = torch.randn(4, 12)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # 4 rows: not planned
+    x16 = torch.randn(16, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(torch.randn(16, 12))
-    assert y.dtype == torch.bfloat16
+        y, want = layer(x16), F.linear(x16, layer.weight)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want)
 
 
 def test_plan_asks_the_probe_only_where_a_split_could_help(monkeypatch):

@@ -309,3 +309,31 @@ def test_one_process_short_of_memory_decides_for_all(monkeypatch, capsys):
     assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False).base_precision == "float"
     resumed = {"base_precision": "int8"}  # a checkpoint's choice stands
     assert train_mod.base_precision(loaded.model, cfg, cpu, torch.float32, False, resumed).base_precision == "int8"
+
+
+def test_layers_unfrozen_later_keep_their_precision(text_file, monkeypatch):
+    spec = "schedule:mlp=0,attention=2"
+    with pytest.raises(UserError, match="unfreezes"):
+        _train(spec, text_file, "int8", steps=3)
+    monkeypatch.setattr(int8.memory, "available", lambda device: 1000)  # short of memory: auto would pick int8
+    loaded, records = _train(spec, text_file, "auto", steps=3)
+    assert not any(int8.is_int8(m) for m in loaded.model.modules()) and len(records) >= 3
+
+
+def test_a_container_limit_counts_as_the_memory_available(tmp_path, monkeypatch):
+    from peftlab import memory
+
+    group = tmp_path / "job"
+    group.mkdir()
+    (group / "memory.max").write_text("4294967296\n")
+    (group / "memory.current").write_text("1073741824\n")
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(tmp_path / "cgroup", *a, **k) if path == "/proc/self/cgroup" else real_open(path, *a, **k)
+
+    (tmp_path / "cgroup").write_text("0::/job\n")
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert memory._cgroup_room(str(tmp_path)) == 3 * 2**30
+    (group / "memory.max").write_text("max\n")
+    assert memory._cgroup_room(str(tmp_path)) is None

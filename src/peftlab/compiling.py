@@ -42,8 +42,8 @@ def compile_blocks(model, rows: int = 0, dtype: torch.dtype = torch.float32):
     Blocks are where the elementwise work is (norms, rotary, gated MLP, residual adds); fused,
     it runs faster and keeps fewer intermediates for backward. Parameter names do not change.
     Attention switches to attention.py's fused-backward version where it applies, and linear
-    layers whose products run faster split by rows at the run's `rows` (batch × sequence per
-    process) in `dtype` compute that way (gemm.py). Returns a function that undoes all of it
+    layers whose products torch runs on one thread at the run's `rows` (batch × sequence per
+    process) in `dtype` split them by rows (gemm.py). Returns a function that undoes all of it
     (generation after training should not recompile per cache length).
     """
     from . import attention, gemm
@@ -58,9 +58,13 @@ def compile_blocks(model, rows: int = 0, dtype: torch.dtype = torch.float32):
     # modules live. Start from an empty cache, so each run traces its own hooks.
     torch.compiler.reset()
     unsplit = gemm.use(blocks, rows, dtype)
-    for block in blocks:
-        block.compile()
-    previous = attention.use(model)
+    try:
+        for block in blocks:
+            block.compile()
+        previous = attention.use(model)
+    except BaseException:
+        unsplit()
+        raise
 
     def undo():
         attention.restore(model, previous)

@@ -15,8 +15,9 @@ product to matter.)
 So `plan` looks, for each linear shape of the blocks at the run's rows, forward (x·Wᵀ) and
 for the input gradient (dy·W), at how many threads torch keeps busy (their CPU time, from
 /proc): where it is one, and two row halves keep two busy and give the same bits, the halves
-are used. Thread use is oneDNN's choice for a shape, not a timing, so every process and a
-resumed run decide alike, and a split never changes a result. `use` gives those layers
+are used. Thread use is oneDNN's choice for a shape, not a speed, so the answer does not move
+with the machine's load (five fresh processes on a busy host: the same plan); and since a
+split is taken only where it gives the same bits, no choice can change a result. `use` gives those layers
 `RowSplitLinear`'s forward, whose products go through `rows_mm`: a custom op that inductor
 calls as it calls mm, so compiled graphs keep it. The weight gradient dyᵀ·x stays one torch
 product (its shapes keep both threads busy).
@@ -34,6 +35,7 @@ from .gemm_probe import split_mm
 
 MIN_ROWS = 512  # fewer rows: halves of under 256 rows, too small to gain
 PROBE = Path(__file__).with_name("gemm_probe.py")  # run as a script: it needs torch only, not peftlab
+PROBE_TIMEOUT_S = 60  # it takes ~3 s; a probe that hangs splits nothing
 
 
 @torch.library.custom_op("peftlab::rows_mm", mutates_args=())
@@ -92,14 +94,14 @@ def plan(layers: list, rows: int, dtype: torch.dtype) -> dict:
     if rows < MIN_ROWS or threads < 2 or not shapes:
         return {}
     job = {"rows": rows, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "shapes": shapes}
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    try:
-        proc = subprocess.run([sys.executable, str(PROBE), json.dumps(job)], capture_output=True, text=True, env=env,
-                              timeout=300)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(threads))
+    try:  # -I: the script's folder (this package) is not put on the probe's import path
+        proc = subprocess.run([sys.executable, "-I", str(PROBE), json.dumps(job)], capture_output=True, text=True,
+                              env=env, timeout=PROBE_TIMEOUT_S)
         found = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else []
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        found = []
-    return {(k, n): (fwd, back) for k, n, fwd, back in found}
+        return {(int(k), int(n)): (int(fwd), int(back)) for k, n, fwd, back in found}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError, TypeError):
+        return {}
 
 
 def use(blocks: list, rows: int, dtype: torch.dtype):

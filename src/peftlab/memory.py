@@ -1,6 +1,7 @@
 """Memory: the peak a run reached (GPU allocator, or this process's resident high-water mark),
 and activation recomputation, which trades compute for it."""
 
+import os
 import resource
 import sys
 
@@ -38,18 +39,41 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def available(device: torch.device) -> int | None:
     """Bytes a run could still take: free GPU memory, or on Linux the kernel's MemAvailable
-    (free pages plus the page cache it can reclaim, which holds a memory-mapped weight file);
-    None where neither can be read."""
+    (free pages plus the page cache it can reclaim, which holds a memory-mapped weight file),
+    less where this process's container (cgroup v2) allows less; None where it cannot be read."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """memory.max − memory.current of this process's cgroup (v2), None without a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.strip().split(":", 2)[2] for line in f if line.startswith("0::")), None)
+        if path is None:
+            return None
+        folder = os.path.join(root, path.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(folder, "memory.current")) as f:
+            return max(0, int(limit) - int(f.read().strip()))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _status_kb(field: str) -> int | None:

@@ -67,20 +67,25 @@ def train(model, blocks, prepared, cfg: TrainConfig, out: Path | None = None, on
     device, dtype = check_run(prepared, cfg, show)
     torch.manual_seed(cfg.seed)
     state, tensors = resume_point(out, resume)
-    cfg = base_precision(model, cfg, device, dtype, show, state["identity"] if state else None)
+    cfg = base_precision(model, cfg, device, dtype, show, state["identity"] if state else None, bool(prepared.unfreeze_at))
     ident = run_identity(model, blocks, prepared, cfg, identity)
     if state:
         checkpoint.check_identity(state["identity"], ident, out)
     first = state["step"] + 1 if state else 1
     work = (cfg.steps - first + 1) * cfg.batch_size * cfg.grad_accum * blocks.train_ids.shape[1]
     runner, loss_module, start, uncompile = ready_model(model, prepared, cfg, device, dtype, work, show, blocks.train_ids)
-    opt = optimizer(model, prepared, cfg, start)
     later = prepared.unfreeze_at  # step -> [parameter names] that join the optimizer then
-    if state:
-        for at in sorted(later):
-            if at < state["step"]:
-                opt = _unfreeze(model, later[at], opt, cfg)
-        checkpoint.restore(state, tensors, model, opt, prepared.training)
+    try:
+        opt = optimizer(model, prepared, cfg, start)
+        if state:
+            for at in sorted(later):
+                if at < state["step"]:
+                    opt = _unfreeze(model, later[at], opt, cfg)
+            checkpoint.restore(state, tensors, model, opt, prepared.training)
+    except BaseException:
+        if uncompile:  # the model goes back as it came (its layers, uncompiled)
+            uncompile()
+        raise
     eval_every = cfg.eval_every or math.ceil(cfg.steps / 5)  # at most five evaluations, also in short runs
     drawn = state["drawn"] if state else 0
     batches = blocks.batches(cfg.batch_size, cfg.seed, start=drawn)
@@ -160,6 +165,9 @@ def check_run(prepared, cfg: TrainConfig, show: bool) -> tuple[torch.device, tor
     check_master_weights(cfg.master_weights, dtype == torch.bfloat16)
     if cfg.base_precision == "int8" and cfg.fsdp:
         raise UserError("--base-precision int8 keeps the frozen base in buffers, which FSDP does not shard; use DDP (drop --fsdp)")
+    if cfg.base_precision == "int8" and prepared.unfreeze_at:
+        raise UserError("--base-precision int8 stores frozen layers in int8, and this strategy unfreezes some of them "
+                        "later; use --base-precision float")
     check_processes(prepared, cfg)
     return device, dtype
 
@@ -181,14 +189,18 @@ def resume_point(out: Path | None, resume: bool) -> tuple[dict | None, dict | No
     return checkpoint.read(found)
 
 
-def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: dict | None = None) -> TrainConfig:
+def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: dict | None = None,
+                   unfreezes: bool = False) -> TrainConfig:
     """`cfg` with --base-precision auto decided (int8.choose), the same in every process: each
     holds its own copy of the base, so one that needs int8 to fit decides for all (on one CPU
     the local processes share its memory, so the base counts once per process there). A
     resumed run keeps the choice its checkpoint was made with (`resumed`: its identity), since
-    the memory free now may differ and the base must be rebuilt as it was."""
+    the memory free now may differ and the base must be rebuilt as it was. A strategy that
+    `unfreezes` layers later keeps them float (an int8 layer has no weight to train)."""
     if cfg.base_precision != "auto":
         return cfg
+    if unfreezes:
+        return dataclasses.replace(cfg, base_precision="float")
     if resumed and resumed.get("base_precision") in ("float", "int8"):
         return dataclasses.replace(cfg, base_precision=resumed["base_precision"])
     copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() and device.type == "cpu" else 1
