@@ -40,6 +40,8 @@ modules and hooks a strategy attached to it stay. Its `weight` reads back dequan
 which is what DoRA's norm, tracking and merging need.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -74,6 +76,23 @@ def choose(requested: str, model: nn.Module, device: torch.device, dtype: torch.
     return "int8", (f"note: the frozen base would take {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} of "
                     f"the {free / 2**30:.1f} GiB available, so it is stored in int8 (--base-precision auto; "
                     "--base-precision float keeps it)")
+
+
+def agreed(model: nn.Module, device: torch.device, dtype: torch.dtype, fsdp: bool) -> tuple[str, str | None]:
+    """`choose("auto", ...)` made the same in every training process: each holds its own copy
+    of the base, so one that needs int8 to fit decides for all (one number, all-reduced); on
+    one CPU the local processes share its memory, so the base counts once per process there."""
+    from . import distributed
+
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() and device.type == "cpu" else 1
+    chosen, note = choose("auto", model, device, dtype, fsdp, copies)
+    if distributed.world_size() > 1:
+        wanted = chosen == "int8"
+        chosen = "int8" if distributed.all_sum([float(wanted)], device)[0] > 0 else "float"
+        if chosen == "int8" and not wanted:
+            note = ("note: another training process has too little memory for the float base, so every one stores it "
+                    "in int8 (--base-precision auto; --base-precision float keeps it)")
+    return chosen, note
 
 
 def _frozen_linear(model: nn.Module) -> dict:

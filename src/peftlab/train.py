@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, compiling, distributed, int8, memory, optim, runtime
+from .components import arch_of
 from .config import TrainConfig, check_base_precision, check_master_weights
 from .errors import RunFailed, UserError
 from .interrupt import Interrupted, StopSignals
@@ -189,28 +189,17 @@ def resume_point(out: Path | None, resume: bool) -> tuple[dict | None, dict | No
     return checkpoint.read(found)
 
 
-def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed: dict | None = None,
-                   unfreezes: bool = False) -> TrainConfig:
-    """`cfg` with --base-precision auto decided (int8.choose), the same in every process: each
-    holds its own copy of the base, so one that needs int8 to fit decides for all (on one CPU
-    the local processes share its memory, so the base counts once per process there). A
-    resumed run keeps the choice its checkpoint was made with (`resumed`: its identity), since
-    the memory free now may differ and the base must be rebuilt as it was. A strategy that
-    `unfreezes` layers later keeps them float (an int8 layer has no weight to train)."""
+def base_precision(model, cfg: TrainConfig, device, dtype, show: bool, resumed=None, unfreezes=False) -> TrainConfig:
+    """`cfg` with --base-precision auto decided: the checkpoint's choice when resuming (`resumed`:
+    its identity), float if the strategy `unfreezes` layers later (int8 ones cannot train), else int8.agreed."""
     if cfg.base_precision != "auto":
         return cfg
     if unfreezes:
-        return dataclasses.replace(cfg, base_precision="float")
-    if resumed and resumed.get("base_precision") in ("float", "int8"):
-        return dataclasses.replace(cfg, base_precision=resumed["base_precision"])
-    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed.launched() and device.type == "cpu" else 1
-    chosen, note = int8.choose("auto", model, device, dtype, cfg.fsdp, copies)
-    if distributed.world_size() > 1:
-        wanted = chosen == "int8"
-        chosen = "int8" if distributed.all_sum([float(wanted)], device)[0] > 0 else "float"
-        if chosen == "int8" and not wanted:
-            note = ("note: another training process has too little memory for the float base, so every one stores it "
-                    "in int8 (--base-precision auto; --base-precision float keeps it)")
+        chosen, note = "float", None
+    elif resumed and resumed.get("base_precision") in ("float", "int8"):
+        chosen, note = resumed["base_precision"], None
+    else:
+        chosen, note = int8.agreed(model, device, dtype, cfg.fsdp)
     say(note, show)
     return dataclasses.replace(cfg, base_precision=chosen)
 
@@ -219,11 +208,10 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
     """Put the model where and how it trains: on the device, the frozen base in its precision
     (int8, or `dtype`), activation recomputation, compiled blocks, wrapped for DDP/FSDP.
     `work`: the tokens left to train (compiling pays only for long runs); `train_ids` (rows, T):
-    the training rows, whose first tokens the frozen layers see before an int8 base is
-    quantized (int8.py) and whose length sets the rows compiled products are planned for
-    (gemm.py). Returns (runner,
-    loss module, by name what the optimizer's per-weight state starts from — bf16 rounding
-    residuals (compensated masters) or fp32 masters of weights stored in bf16 — undo-compile or None)."""
+    the training rows (an int8 base calibrates on their first tokens; compiled products are
+    planned for batch × T rows, gemm.py). Returns (runner, loss module, by name what the
+    optimizer's per-weight state starts from — bf16 rounding residuals (compensated masters)
+    or fp32 masters of weights stored in bf16 — undo-compile or None)."""
     model.to(device)
     if cfg.base_precision == "int8":
         # from the fp32 weights, before they are stored in `dtype`; the first training rows (the
@@ -239,13 +227,10 @@ def ready_model(model, prepared, cfg: TrainConfig, device, dtype, work: int, sho
         memory.enable_checkpointing(model)
     compiled, why = compiling.compile_plan(cfg.compile, device, model, work)
     say(why, show)
-    # the rows each process's products see (FSDP's gathered weights: left to torch)
     rows = 0 if cfg.fsdp or train_ids is None else cfg.batch_size // distributed.world_size() * train_ids.shape[1]
     uncompile = compiling.compile_blocks(model, rows, dtype) if compiled else None
     model.train()
     loss_module = LossModule(model, cfg.chunked_loss, compiled)
-    from .components import arch_of
-
     runner = distributed.wrap(loss_module, cfg.fsdp, list(model.get_submodule(arch_of(model).layers)), dtype)
     return runner, loss_module, start, uncompile
 
