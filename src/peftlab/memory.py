@@ -17,7 +17,7 @@ def peak_memory(device: torch.device) -> int:
     comparison would report at least the parent's size.)"""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    hwm = _status_kb("VmHWM")
+    hwm = _proc_kb("/proc/self/status", "VmHWM")
     if hwm is not None:
         return hwm * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -43,19 +43,9 @@ def available(device: torch.device) -> int | None:
     less where this process's container (cgroup v2) allows less; None where it cannot be read."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    free = _proc_kb("/proc/meminfo", "MemAvailable")
+    found = [n for n in (free * 1024 if free is not None else None, _cgroup_room()) if n is not None]
     return min(found) if found else None
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
@@ -76,13 +66,14 @@ def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
         return None
 
 
-def _status_kb(field: str) -> int | None:
+def _proc_kb(path: str, field: str) -> int | None:
+    """The kB figure of `field` in a /proc file of "Field:  N kB" lines (None where unreadable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
