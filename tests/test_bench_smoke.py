@@ -18,6 +18,7 @@ def test_bench_smoke(text_file, tmp_path):
     assert (row["config"], row["precision"]) == ("lora-r8-qv", "fp32")
     assert row["peftlab_tok_s"] > 0 and row["peft_tok_s"] > 0 and row["speed_ratio"] > 0 and row["memory_ratio"] > 0
     assert row["eager_speed_ratio"] > 0 and 0 < row["peftlab_pct_ceiling"] and row["ceiling_tok_s"] > 0
+    assert all(r["gemm_flops_per_s"] > 0 for r in result["runs"])  # each run measured its own minute's ceiling
     assert set(row["settings"]["peftlab"]) == {"eager", "compile", "int8"}
     fastest = max(row["settings"]["peft"].items(), key=lambda kv: kv[1]["tokens_per_s"])[0]
     assert row["peft_any_mode"] == fastest  # the unconstrained ranking: its best setting, compiled ones included
@@ -63,7 +64,7 @@ def test_ranking_is_by_speed_at_equal_quality():
                      "machine": {"cpu": "cpu", "cpu_features": "AVX2, AVX-512, AVX-512 BF16"}, "gemm_flops_per_s": {"bf16": 1e12},
                      "rows": [row]})
     assert "cpu (AVX2, AVX-512, AVX-512 BF16)" in text
-    assert "| full | bf16 | peftlab compensated | 600 | 1,000 | 4.0990 | +0.51% | **no** |" in text
+    assert "| full | bf16 | peftlab compensated | 600 | 60% | 1,000 | 4.0990 | +0.51% | **no** |" in text
     assert "| full | bf16 | 430 (compile) | 420 (autocast+compile) | **1.02×** |" in text
 
 
@@ -80,6 +81,23 @@ def test_several_rounds_show_the_ratio_of_each_round():
     text = markdown({"setup": {"model": "m", "data": "d", "batch_size": 4, "seq_len": 256, "warmup": 2, "steps": 5},
                      "machine": {"cpu": "cpu"}, "gemm_flops_per_s": {"bf16": 1e12}, "rows": [row]})
     assert "| full | bf16 | 600 (compile) | 400 (autocast) | **1.50×** (rounds 1.23–2.00×) |" in text
+
+
+def test_each_run_is_measured_against_the_ceiling_of_its_own_minute():
+    """A run that carries the GEMM rate measured in its process is compared with that one (the
+    host's speed moves); the shares and ceilings are medians over rounds, per side."""
+    from peftlab.bench import summarize
+
+    runs = [r | {"round": k, "gemm_flops_per_s": g}
+            for k, (mine, theirs) in enumerate([(1e12, 2e12), (0.5e12, 1e12), (1e12, 1e12)])
+            for r in _runs({("peft", "autocast"): (400, 4.0), ("peftlab", "compile"): (600, 4.0)})
+            for g in [mine if r["impl"] == "peftlab" else theirs]]
+    (row,) = summarize(runs, {"bf16": 4e12})  # the bench's own ceiling is not used where a run has one
+    assert row["peftlab_pct_ceiling"] == pytest.approx(100 * 600 * 1e9 / 1e12)  # median of 60%, 120%, 60%
+    assert row["peft_pct_ceiling"] == pytest.approx(100 * 400 * 1e9 / 1e12)  # of 20%, 40%, 40%
+    assert row["ceiling_tok_s"] == pytest.approx(1e12 / 1e9)
+    (old,) = summarize(_runs({("peft", "autocast"): (400, 4.0), ("peftlab", "compile"): (600, 4.0)}), {"bf16": 4e12})
+    assert old["peftlab_pct_ceiling"] == pytest.approx(15)  # runs without their own: the bench's ceiling
 
 
 def test_no_eligible_setting_is_said_not_hidden():
@@ -123,3 +141,20 @@ def test_inference_latency_smoke():
 
     got = inference_latency("tiny-llama", 16, repeats=1)
     assert got["precision"] in ("fp32", "bf16") and got["base_ms"] > 0 and got["merged_ms"] > 0 and got["unmerged_ms"] > 0
+
+
+def test_ceiling_counts_each_product_of_the_model_once():
+    """linear_shapes: every decoder product and the output layer, with their uses; the rate is
+    flops over the best loop time of each shape (no timing asserted, only that it is one)."""
+    import torch
+    from conftest import linear_dims
+
+    from peftlab import models
+    from peftlab.bench.ceiling import gemm_flops_per_s, linear_shapes
+
+    model = models.load("tiny-llama").model
+    shapes = linear_shapes(model)
+    head = model.get_output_embeddings().weight
+    dims = linear_dims(model) + [(head.shape[1], head.shape[0])]
+    assert shapes == {s: dims.count(s) for s in dims}
+    assert 0 < gemm_flops_per_s(shapes, 64, torch.float32, repeats=1, min_s=0.001) < float("inf")

@@ -56,11 +56,10 @@ def _run(job: dict) -> dict:
 
 def machine_ceiling(model_name: str, rows: int, precisions=("fp32", "bf16")) -> dict:
     from .. import models
-    from .ceiling import gemm_flops_per_s
+    from .ceiling import DTYPES, gemm_flops_per_s, linear_shapes
 
-    model = models.load(model_name).model
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {p: gemm_flops_per_s(model, rows, dtypes[p]) for p in precisions}
+    shapes = linear_shapes(models.load(model_name).model)
+    return {p: gemm_flops_per_s(shapes, rows, DTYPES[p]) for p in precisions}
 
 
 def run_bench(model: str = "smollm2-135m", data: str = "moby-dick", configs=None, precisions=("fp32", "bf16"),
@@ -116,8 +115,11 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
     loss, and its fastest eager one."""
     groups = {}
     for r in runs:
+        # the run's ceiling: measured in its own process after its steps (older runs: the bench's one)
+        limit = r.get("gemm_flops_per_s") or ceil[r["precision"]]
+        r = r | {"ceiling_tok_s": limit / r["flops_per_token"], "pct_ceiling": 100 * r["tokens_per_s"] * r["flops_per_token"] / limit}
         groups.setdefault((r["config"], r["precision"], r["impl"], r["mode"]), []).append(r)
-    keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token", "eval_loss")
+    keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token", "eval_loss", "ceiling_tok_s", "pct_ceiling")
     rows = []
     for name in dict.fromkeys(r["config"] for r in runs):
         for precision in dict.fromkeys(r["precision"] for r in runs):
@@ -149,7 +151,6 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
                    if our_eager and their_eager else None}
             if our_mode and best_mode:
                 ours_, best = mine[our_mode], theirs[best_mode]
-                limit = ceil[precision] / ours_["flops_per_token"]
                 rounds = [{r.get("round", 0): r["tokens_per_s"] for r in groups[(name, precision, impl, mode)]}
                           for impl, mode in (("peftlab", our_mode), ("peft", best_mode))]
                 row |= {
@@ -160,8 +161,9 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
                     "peftlab_peak_mb": ours_["peak_rss_bytes"] / 1e6, "peft_peak_mb": best["peak_rss_bytes"] / 1e6,
                     "memory_ratio": ours_["peak_rss_bytes"] / best["peak_rss_bytes"],
                     "peftlab_eval_loss": ours_["eval_loss"], "peft_eval_loss": best["eval_loss"],
-                    "ceiling_tok_s": limit, "peftlab_pct_ceiling": 100 * ours_["tokens_per_s"] / limit,
-                    "peft_pct_ceiling": 100 * best["tokens_per_s"] / limit,
+                    # each side's share of the ceiling measured in its own runs' minutes (medians over rounds)
+                    "ceiling_tok_s": ours_["ceiling_tok_s"], "peftlab_pct_ceiling": ours_["pct_ceiling"],
+                    "peft_pct_ceiling": best["pct_ceiling"],
                 }
             rows.append(row)
     return rows
@@ -176,7 +178,9 @@ def markdown(result: dict) -> str:
         f"{s['warmup']} warm-up + {s['steps']} timed steps, medians over alternating rounds; each run in its own process.",
         f"Machine: {m.get('cpu')}" + (f" ({features})" if features else "") + f", {m.get('cores')} cores, "
         f"torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}. "
-        "Measured GEMM ceiling on the model's shapes: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in c.items()) + ".", "",
+        "Measured GEMM ceiling on the model's shapes after the runs: " + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in c.items())
+        + "; each run's *% ceiling* is against the ceiling measured in its own process right after its timed steps "
+        "(medians over rounds): a shared host's speed moves within minutes.", "",
         f"**Ranked at equal quality**: a setting is eligible when its held-out loss after the same {s['warmup'] + s['steps']} "
         f"steps is within {100 * TOLERANCE:g}% of the reference's full-precision setting (peft "
         + " / ".join(f"`{v}` for {k}" for k, v in REFERENCE.items()) + ", fp32 weights: no update lost); "
@@ -207,13 +211,13 @@ def markdown(result: dict) -> str:
     lines += ["", "Every setting (peftlab: eager, `--compile`, `--compile --base-precision int8`, `--compile --master-weights "
               "bf16-compensated`; peft: fp32, bf16 autocast over an fp32 model, or the model loaded in bf16, each also "
               "under `torch.compile`), fastest first:", "",
-              "| config | precision | setting | tok/s | peak MB | held-out loss | vs reference | eligible |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| config | precision | setting | tok/s | % ceiling | peak MB | held-out loss | vs reference | eligible |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         every = [(side, mode, v) for side in ("peftlab", "peft") for mode, v in r["settings"][side].items()]
         for side, mode, v in sorted(every, key=lambda x: -x[2]["tokens_per_s"]):
             lines.append(f"| {r['config']} | {r['precision']} | {side} {mode} | {v['tokens_per_s']:,.0f} | "
-                         f"{v['peak_rss_bytes'] / 1e6:,.0f} | {v['eval_loss']:.4f} | {100 * v['loss_vs_reference']:+.2f}% | "
+                         f"{v['pct_ceiling']:.0f}% | {v['peak_rss_bytes'] / 1e6:,.0f} | {v['eval_loss']:.4f} | {100 * v['loss_vs_reference']:+.2f}% | "
                          f"{'yes' if v['eligible'] else '**no**'} |")
     if result.get("inference"):
         i = result["inference"]

@@ -26,6 +26,7 @@ import torch
 
 GEMM = ("aten::mm", "aten::addmm", "aten::_int_mm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
         "mkldnn::_mkl_linear", "aten::linear")
+TOP = 6
 BUCKETS = ("gemm", "attention", "loss", "optimizer", "elementwise", "overhead")
 
 
@@ -85,7 +86,7 @@ def profile(config: str, precision: str, mode: str, steps: int = 3, warmup: int 
     scale = wall / max(1e-9, sum(totals.values()))
     return {"config": config, "precision": precision, "mode": mode, "wall_ms": wall,
             "ms": {k: v * scale for k, v in totals.items()}, "seconds": time.perf_counter() - start,
-            "top": {b: sorted(((n, v * scale) for (w, n), v in ops.items() if w == b), key=lambda x: -x[1])[:6] for b in BUCKETS}}
+            "top": {b: sorted(((n, v * scale) for (w, n), v in ops.items() if w == b), key=lambda x: -x[1])[:TOP] for b in BUCKETS}}
 
 
 def table(results: list[dict]) -> str:

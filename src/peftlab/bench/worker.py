@@ -2,7 +2,8 @@
 
     python -m peftlab.bench.worker '{"impl": "peftlab", "config": "lora-r8-qv", "precision": "bf16", "mode": "compile", ...}'
 
-Prints one JSON line: median step time, tokens/s, peak memory, and the ceiling inputs.
+Prints one JSON line: median step time, tokens/s, peak memory, and the ceiling: its inputs, and
+the GEMM rate measured in this process right after the timed steps.
 """
 
 import json
@@ -29,6 +30,7 @@ def measure(job: dict) -> dict:
                       grad_checkpoint=job.get("grad_checkpoint", False))
     r = run.load(job["model"], job["data"], cfg, show=False)
     loaded = r.loaded
+    shapes = ceiling.linear_shapes(loaded.model)  # the base model's products, before any adapter joins
     if ours:
         model = run.prepare(r, spec).model
         times = [rec["step_time"] for rec in run.fit(r, show=False) if "step_time" in rec]
@@ -40,8 +42,10 @@ def measure(job: dict) -> dict:
     tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
     peak = memory.peak_memory(torch.device("cpu"))  # training's peak, before the evaluation below
+    # the ceiling in this process's own minute (after the peak is read: its tensors are not training's)
+    gemm = ceiling.gemm_flops_per_s(shapes, tokens, ceiling.DTYPES[job["precision"]])
     return {
-        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": peak,
+        "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": peak, "gemm_flops_per_s": gemm,
         "eval_loss": held_out(model, r.blocks, job["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trainable_matmul": ceiling.trainable_matmul_params(model),
