@@ -119,15 +119,13 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
         limit = r.get("gemm_flops_per_s") or ceil[r["precision"]]
         r = r | {"ceiling_tok_s": limit / r["flops_per_token"], "pct_ceiling": 100 * r["tokens_per_s"] * r["flops_per_token"] / limit}
         groups.setdefault((r["config"], r["precision"], r["impl"], r["mode"]), []).append(r)
-    keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token", "eval_loss", "ceiling_tok_s", "pct_ceiling",
-            "tokens_per_host_gflop")
+    keys = ("tokens_per_s", "peak_rss_bytes", "flops_per_token", "eval_loss", "ceiling_tok_s", "pct_ceiling")
     rows = []
     for name in dict.fromkeys(r["config"] for r in runs):
         for precision in dict.fromkeys(r["precision"] for r in runs):
             def settings(impl):
                 found = {mode: rs for (c, p, i, mode), rs in groups.items() if (c, p, i) == (name, precision, impl)}
-                return {mode: {k: statistics.median(x[k] for x in rs) for k in keys if all(k in x for x in rs)}
-                        for mode, rs in found.items()}
+                return {mode: {k: statistics.median(x[k] for x in rs) for k in keys} for mode, rs in found.items()}
 
             mine, theirs = settings("peftlab"), settings("peft")
             if not mine or not theirs:
@@ -153,8 +151,8 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
                    if our_eager and their_eager else None}
             if our_mode and best_mode:
                 ours_, best = mine[our_mode], theirs[best_mode]
-                pair = [groups[(name, precision, impl, mode)] for impl, mode in (("peftlab", our_mode), ("peft", best_mode))]
-                rounds = [{r.get("round", 0): r["tokens_per_s"] for r in runs_} for runs_ in pair]
+                rounds = [{r.get("round", 0): r["tokens_per_s"] for r in groups[(name, precision, impl, mode)]}
+                          for impl, mode in (("peftlab", our_mode), ("peft", best_mode))]
                 row |= {
                     "peftlab_tok_s": ours_["tokens_per_s"], "peft_tok_s": best["tokens_per_s"],
                     "speed_ratio": ours_["tokens_per_s"] / best["tokens_per_s"],
@@ -167,11 +165,6 @@ def summarize(runs: list, ceil: dict) -> list[dict]:
                     "ceiling_tok_s": ours_["ceiling_tok_s"], "peftlab_pct_ceiling": ours_["pct_ceiling"],
                     "peft_pct_ceiling": best["pct_ceiling"],
                 }
-                if "tokens_per_host_gflop" in ours_ and "tokens_per_host_gflop" in best:
-                    # the same two settings, each step read against the host's speed right after it
-                    per = [{r.get("round", 0): r["tokens_per_host_gflop"] for r in runs_} for runs_ in pair]
-                    row |= {"host_speed_ratio": ours_["tokens_per_host_gflop"] / best["tokens_per_host_gflop"],
-                            "round_host_speed_ratios": [per[0][k] / per[1][k] for k in sorted(per[0].keys() & per[1].keys())]}
             rows.append(row)
     return rows
 
@@ -193,14 +186,11 @@ def markdown(result: dict) -> str:
         + " / ".join(f"`{v}` for {k}" for k, v in REFERENCE.items()) + ", fp32 weights: no update lost); "
         "each side is shown at its fastest eligible setting. *Fastest at any loss* ranks every setting, eligible or not; "
         "*eager ratio*: both sides uncompiled. Ratios are peftlab / peft; with several rounds, the speed ratio's "
-        "range over the rounds (the same two settings within one round) follows it. *At equal host speed*: the same "
-        "two settings with every timed step's rate divided by the host's GEMM rate measured right after that step "
-        "(outside its time), which takes out a shared host's swings as far as the steps move with them.", "",
-        "| config | precision | peftlab tok/s (setting) | peft tok/s (setting) | speed ratio | at equal host speed "
-        "| peftlab peak MB | peft peak MB "
+        "range over the rounds (the same two settings within one round) follows it.", "",
+        "| config | precision | peftlab tok/s (setting) | peft tok/s (setting) | speed ratio | peftlab peak MB | peft peak MB "
         "| memory ratio | held-out loss peftlab / peft / reference | peftlab % ceiling | peft % ceiling "
         "| fastest at any loss: peftlab / peft (ratio) | eager ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         mine, theirs = r["settings"]["peftlab"], r["settings"]["peft"]
@@ -208,13 +198,13 @@ def markdown(result: dict) -> str:
                   f"{theirs[r['peft_any_mode']]['tokens_per_s']:,.0f} ({r['peft_any_mode']}) ({r['any_speed_ratio']:.2f}×)")
         if "speed_ratio" not in r:
             lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_mode'] or 'no eligible setting'} | "
-                         f"{r['peft_mode'] or 'no eligible setting'} | – | – | – | – | – | – | – | – | {anyway} | "
+                         f"{r['peft_mode'] or 'no eligible setting'} | – | – | – | – | – | – | – | {anyway} | "
                          f"{_ratio(r['eager_speed_ratio'])} |")
             continue
-        host = (f"{r['host_speed_ratio']:.2f}×{_spread(r['round_host_speed_ratios'])}"
-                if "host_speed_ratio" in r else "–")
+        per_round = r.get("round_speed_ratios") or []
+        spread = f" (rounds {min(per_round):.2f}–{max(per_round):.2f}×)" if len(per_round) > 1 else ""
         lines.append(f"| {r['config']} | {r['precision']} | {r['peftlab_tok_s']:,.0f} ({r['peftlab_mode']}) | "
-                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×**{_spread(r.get('round_speed_ratios'))} | {host} | "
+                     f"{r['peft_tok_s']:,.0f} ({r['peft_mode']}) | **{r['speed_ratio']:.2f}×**{spread} | "
                      f"{r['peftlab_peak_mb']:,.0f} | {r['peft_peak_mb']:,.0f} | **{r['memory_ratio']:.2f}×** | "
                      f"{r['peftlab_eval_loss']:.4f} / {r['peft_eval_loss']:.4f} / {r['reference_loss']:.4f} | "
                      f"{r['peftlab_pct_ceiling']:.0f}% | {r['peft_pct_ceiling']:.0f}% | {anyway} | {_ratio(r['eager_speed_ratio'])} |")
@@ -235,11 +225,6 @@ def markdown(result: dict) -> str:
                   f"unmerged LoRA {i['unmerged_ms']:.1f} ms (**{i['unmerged_ms'] / i['base_ms']:.2f}×**), "
                   f"merged {i['merged_ms']:.1f} ms (**{i['merged_ms'] / i['base_ms']:.2f}×**)."]
     return "\n".join(lines) + "\n"
-
-
-def _spread(ratios) -> str:
-    """' (rounds a–b×)': the range of a ratio over the rounds, where there are several."""
-    return f" (rounds {min(ratios):.2f}–{max(ratios):.2f}×)" if ratios and len(ratios) > 1 else ""
 
 
 def _ratio(x) -> str:

@@ -18,24 +18,14 @@ from ..methods.targets import dims, linear_layers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the bench's precisions
 
 
-def linear_shapes(model, head: bool = True) -> dict:
-    """(in, out) -> how many of the model's matrix products have that shape (the tied head once;
-    head=False: the decoder blocks' only)."""
+def linear_shapes(model) -> dict:
+    """(in, out) -> how many of the model's matrix products have that shape (the tied head once)."""
     shapes = {}
     for m in linear_layers(model).values():
         shapes[dims(m)] = shapes.get(dims(m), 0) + 1
-    if head:
-        w = model.get_output_embeddings().weight
-        shapes[(w.shape[1], w.shape[0])] = shapes.get((w.shape[1], w.shape[0]), 0) + 1
+    head = model.get_output_embeddings().weight
+    shapes[(head.shape[1], head.shape[0])] = shapes.get((head.shape[1], head.shape[0]), 0) + 1
     return shapes
-
-
-def host_speed(shapes: dict, rows: int, dtype: torch.dtype) -> float:
-    """The host's speed now, as the blocks' GEMM rate (FLOP/s) in one ~0.1 s look: taken after
-    every timed step (outside its time), so each step's rate can be read against the host's
-    speed in that minute. Block shapes only: their tensors are a few MB, so the look adds
-    nothing to the run's peak memory (the head's would add ~150 MB)."""
-    return gemm_flops_per_s(shapes, rows, dtype, repeats=1)
 
 
 def gemm_flops_per_s(shapes: dict, rows: int, dtype: torch.dtype, repeats: int = 3, min_s: float = 0.02) -> float:

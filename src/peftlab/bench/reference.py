@@ -39,10 +39,9 @@ def build(model, setup: dict, mode: str, grad_checkpoint: bool = False):
     return model
 
 
-def train_steps(model, batches, steps: int, mode: str, cfg, after_step=None) -> list[float]:
+def train_steps(model, batches, steps: int, mode: str, cfg) -> list[float]:
     """AdamW over the trainable parameters, clip 1.0, the learning-rate schedule peftlab's side
-    follows (so both reach comparable held-out losses); the wall time of every step.
-    `after_step(step)` runs after each step, outside its time."""
+    follows (so both reach comparable held-out losses); the wall time of every step."""
     import time
 
     from ..optim import lr_factor
@@ -63,6 +62,4 @@ def train_steps(model, batches, steps: int, mode: str, cfg, after_step=None) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-        if after_step:
-            after_step(step)
     return times

@@ -31,32 +31,21 @@ def measure(job: dict) -> dict:
     r = run.load(job["model"], job["data"], cfg, show=False)
     loaded = r.loaded
     shapes = ceiling.linear_shapes(loaded.model)  # the base model's products, before any adapter joins
-    tokens, dtype = job["batch_size"] * job["seq_len"], ceiling.DTYPES[job["precision"]]
-    blocks_only, host = ceiling.linear_shapes(loaded.model, head=False), {}
-
-    def look(step):  # the host's speed right after each timed step
-        if step > job["warmup"]:
-            host[step] = ceiling.host_speed(blocks_only, tokens, dtype)
-
     if ours:
         model = run.prepare(r, spec).model
-        times = [rec["step_time"] for rec in run.fit(r, show=False, on_step=lambda step, *_: look(step)) if "step_time" in rec]
+        times = [rec["step_time"] for rec in run.fit(r, show=False) if "step_time" in rec]
     else:
         model = reference.build(loaded.model, setup, job["mode"], job.get("grad_checkpoint", False))
         runner = torch.compile(model) if reference.compiled(job["mode"]) else model
-        times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], cfg.seed), steps, job["mode"], cfg,
-                                      after_step=look)
+        times = reference.train_steps(runner, r.blocks.batches(job["batch_size"], cfg.seed), steps, job["mode"], cfg)
     times = times[job["warmup"]:]
+    tokens = job["batch_size"] * job["seq_len"]
     step = statistics.median(times)
-    # tokens per GFLOP of the host's speed at each step: a step on a host running at half speed
-    # counts as it would have at full (both sides are read the same way)
-    per_host = statistics.median(tokens / t / (host[k] / 1e9) for k, t in zip(sorted(host), times))
     peak = memory.peak_memory(torch.device("cpu"))  # training's peak, before the evaluation below
     # the ceiling in this process's own minute (after the peak is read: its tensors are not training's)
-    gemm = ceiling.gemm_flops_per_s(shapes, tokens, dtype)
+    gemm = ceiling.gemm_flops_per_s(shapes, tokens, ceiling.DTYPES[job["precision"]])
     return {
         "step_time_s": step, "tokens_per_s": tokens / step, "peak_rss_bytes": peak, "gemm_flops_per_s": gemm,
-        "host_flops_per_s": [host[k] for k in sorted(host)], "tokens_per_host_gflop": per_host,
         "eval_loss": held_out(model, r.blocks, job["precision"] == "bf16"),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "trainable_matmul": ceiling.trainable_matmul_params(model),
