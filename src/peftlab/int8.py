@@ -33,8 +33,8 @@ weights alone (float activations) 4.2800 (+0.09%).
 Two kernels, same numbers: `torch._int_mm` where the device multiplies int8 natively (CUDA;
 CPUs with AVX-512 VNNI or AMX); elsewhere (AVX2-only x86: `_int_mm` runs ~40× slower than
 fp32 there) an fp32 GEMM of the same integer-valued operands, exact up to fp32 rounding of
-the int32 sums. There the int8 base saves memory, not time: even fbgemm's AVX2 int8 GEMM
-(torch's quantized linear) ran only 0.91–1.28× MKL's fp32 rate on SmolLM2's shapes.
+the int32 sums. There the int8 base saves memory, not time (no faster int8 kernel exists
+there either: fbgemm's AVX2 GEMM is measured in bench/README.md).
 
 A layer becomes int8 in place (`to_int8`): the module object keeps its identity, so the
 modules and hooks a strategy attached to it stay. Its `weight` reads back dequantized (fp32),
