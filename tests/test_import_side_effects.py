@@ -13,7 +13,7 @@ def test_import_installs_no_warning_filters_and_keeps_the_umask():
     code = (
         "import os, warnings; os.umask(0o027)\n"
         f"{THIRD_PARTY}; before = list(warnings.filters)\n"
-        "import peftlab, peftlab.cli, peftlab.methods, peftlab.files, peftlab.train\n"
+        "import peftlab, peftlab.cli, peftlab.methods, peftlab.files, peftlab.loop\n"
         "from peftlab.methods import registry; registry.discover()\n"
         "import json; print(json.dumps([os.umask(0o027) == 0o027, warnings.filters == before]))"
     )

@@ -294,7 +294,7 @@ def test_one_process_short_of_memory_decides_for_all(monkeypatch, capsys):
 
     from peftlab import distributed
 
-    train_mod = importlib.import_module("peftlab.train")  # the module (the package's `train` is its function)
+    train_mod = importlib.import_module("peftlab.loop")
 
     loaded = models.load("tiny-llama", seed=0)
     prepare(loaded.model, "lora:r=4", loaded.tokenizer)

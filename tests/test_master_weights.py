@@ -11,7 +11,7 @@ import torch
 from peftlab import TrainConfig, checkpoint, data, models, optim, train
 from peftlab.methods import prepare, trainable_parameters
 
-train_module = importlib.import_module("peftlab.train")  # the module (peftlab.train is also the function)
+train_module = importlib.import_module("peftlab.loop")
 
 
 def _run(text_file, strategy="full", held=True, monkeypatch=None, out=None, steps=4, resume=False, seen=None, **extra):

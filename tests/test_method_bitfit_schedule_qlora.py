@@ -89,7 +89,7 @@ def test_a_schedule_refuses_more_than_one_process(monkeypatch):
     """Its set of trained tensors changes mid-run: one process only (its Training says so)."""
     from peftlab import distributed
     from peftlab.config import TrainConfig
-    from peftlab.train import check_processes
+    from peftlab.loop import check_processes
 
     prepared = prepare(load_model("tiny-llama").model, "schedule:mlp=0,attention=2")
     check_processes(prepared, TrainConfig())

@@ -54,7 +54,7 @@ def test_skip_nonfinite_skips_and_counts(cli, text_file, tmp_path):
     assert code == 2 and "every one of the 3 steps had a non-finite loss" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
     from peftlab import TrainConfig, load_blocks, load_model, prepare, train
-    from peftlab.train import NonFinite
+    from peftlab.loop import NonFinite
 
     loaded = load_model("tiny-llama")
     prepared = prepare(loaded.model, "lora:r=4,alpha=1e30")

@@ -38,8 +38,6 @@ class Exit(Exception):
 
 def guarded(command, obj: dict) -> int:
     """Run `command()` (click's main, standalone_mode=False) and map how it ended to an exit code."""
-    from . import distributed
-
     try:
         with stop_on_signals():
             code = command()
@@ -80,7 +78,11 @@ def guarded(command, obj: dict) -> int:
     except Exception:  # noqa: BLE001  (the boundary: anything else is a bug of ours)
         return bug(obj.get("argv", []))
     finally:
-        distributed.finish()
+        # A process group exists only where a command imported distributed.py and joined one
+        # (a command refused on its arguments never loads torch: it answers at once).
+        distributed = sys.modules.get(f"{__package__}.distributed")
+        if distributed is not None:
+            distributed.finish()
 
 
 def error(message) -> int:

@@ -4,8 +4,13 @@ checked against (CHECKED); tests/test_compat.py exercises every one, so a releas
 one fails there, by name, rather than somewhere inside training.
 """
 
-import torch
-import torch.nn as nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line's error boundary imports this file
+    import torch
+    import torch.nn as nn
 
 CHECKED = {"torch": "2.13.0", "transformers": "5.24.0", "typer": "0.29.2"}
 
@@ -13,6 +18,8 @@ CHECKED = {"torch": "2.13.0", "transformers": "5.24.0", "typer": "0.29.2"}
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(m, k) int8 @ (k, n) int8 -> (m, n) int32. torch's only int8 GEMM with int32
     accumulation (VNNI / AMX on the CPU, tensor cores on CUDA); no public op does this."""
+    import torch
+
     return torch._int_mm(a, b)
 
 

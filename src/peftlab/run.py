@@ -16,7 +16,7 @@ from .errors import UserError
 from .params import all_finite
 from .progress import phase
 from .config import TrainConfig
-from .train import train
+from .loop import train
 
 
 @dataclass

@@ -75,9 +75,9 @@ def main(argv=None) -> int:
     obj = {"argv": argv, "kept": "nothing was written"}  # a command says here what an interrupt keeps
     code = guarded(lambda: command.main(args=argv, prog_name="peftlab", standalone_mode=False, obj=obj,
                                         default_map=o.run_config(command, argv)), obj)
-    from .. import distributed
-
-    distributed.report_exit(code)  # a worker of `train --nproc`: its launcher reads this
+    distributed = sys.modules.get("peftlab.distributed")  # every command that trains imports it first
+    if distributed is not None:
+        distributed.report_exit(code)  # a worker of `train --nproc`: its launcher reads this
     return code
 
 

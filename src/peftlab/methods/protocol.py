@@ -20,7 +20,7 @@ A method whose added module overrides nothing but `forward` still switches, disa
 deletes, saves and loads; `delta_weight` makes it mergeable and tracked as a weight change.
 
 What a method does while it trains, beyond its modules' forward pass, is a `Training` object
-that its `apply` returns (the training loops, train.py and trainer.py, call it; they never
+that its `apply` returns (the training loops, loop.py and trainer.py, call it; they never
 ask which method made it):
 
     start(model, steps)       the run's length is known (AdaLoRA's budget schedule needs it)
