@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_PUBLIC])
+    return sorted({*globals(), *_PUBLIC})
 
 
 if TYPE_CHECKING:  # what editors and type checkers see
