@@ -1,6 +1,7 @@
 """Importing peftlab changes nothing about the process: no warning filters, no umask; and the
 command line answers --help, --version and a refused argument without loading torch."""
 
+import json
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ def test_help_version_and_a_refused_argument_answer_without_torch():
         "print(json.dumps([codes, 'torch' in sys.modules, 'peftlab 0.1.0' in out.getvalue(), err.getvalue()]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    codes, torch_loaded, version_shown, err = __import__("json").loads(out.strip().splitlines()[-1])
+    codes, torch_loaded, version_shown, err = json.loads(out.strip().splitlines()[-1])
     assert codes == [0, 0, 0, 2] and "No such option: --stepz" in err and version_shown
     assert not torch_loaded  # seconds on a slow machine: the public names import their modules on first use
 

@@ -80,7 +80,7 @@ def guarded(command, obj: dict) -> int:
     finally:
         # A process group exists only where a command imported distributed.py and joined one
         # (a command refused on its arguments never loads torch: it answers at once).
-        distributed = sys.modules.get(f"{__package__}.distributed")
+        distributed = sys.modules.get("peftlab.distributed")
         if distributed is not None:
             distributed.finish()
 
