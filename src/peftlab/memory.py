@@ -99,7 +99,7 @@ def unmap_freed() -> bool:
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.gnu_get_libc_version and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no glibc (TypeError: Windows has no CDLL(None))
         return False
 
 
