@@ -28,19 +28,23 @@ def test_only_plain_causal_training_calls_are_taken():
     k = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     assert attention.covers(module, q, k, None, 0.0, {})
     assert not attention.covers(module, q, k, torch.zeros(1, 1, 8, 8, dtype=torch.bool), 0.0, {})  # a mask
-    assert not attention.covers(module, q.float(), k.float(), None, 0.0, {})  # fp32 keeps sdpa
+    assert attention.covers(module, q.float(), k.float(), None, 0.0, {})  # fp32 runs in fp32
+    assert not attention.covers(module, q.half(), k.half(), None, 0.0, {})  # fp16 keeps sdpa
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not attention.covers(module, q.float(), k.float(), None, 0.0, {})
     assert not attention.covers(module, q, k[:, :, :5], None, 0.0, {})  # a cache: keys ≠ queries
     assert not attention.covers(module, q, k, None, 0.0, {"softcap": 50.0})
     with torch.no_grad():
         assert not attention.covers(module, q, k, None, 0.0, {})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3", "tiny-gpt2"])
-def test_model_with_fast_attention_gives_sdpa_loss_and_gradients(arch, monkeypatch):
+def test_model_with_fast_attention_gives_sdpa_loss_and_gradients(arch, dtype, monkeypatch):
     taken = []
     covers = attention.covers
     monkeypatch.setattr(attention, "covers", lambda *a: taken.append(covers(*a)) or taken[-1])
-    model = models.load(arch).model.to(torch.bfloat16)
+    model = models.load(arch).model.to(dtype)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 
     def loss_and_grads():
@@ -56,6 +60,11 @@ def test_model_with_fast_attention_gives_sdpa_loss_and_gradients(arch, monkeypat
     attention.restore(model, previous)
     assert model.config._attn_implementation == "sdpa"
     assert len(taken) == model.config.num_hidden_layers and all(taken)  # every layer took the fused path
+    if dtype == torch.float32:  # the same arithmetic up to the order of sums
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for n, g in ref.items():
+            torch.testing.assert_close(grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
+        return
     torch.testing.assert_close(loss, ref_loss, atol=2e-3, rtol=0)
     for n, g in ref.items():  # bf16: compare against the gradient's own scale
         assert (grads[n] - g).norm() <= 0.02 * g.norm() + 1e-6, n
