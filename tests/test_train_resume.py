@@ -23,6 +23,13 @@ def peftlab(*args, env=None, wait=True):
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
 
 
+def finish(proc) -> subprocess.CompletedProcess:
+    """Wait for a process started with wait=False. A reference run is started beside the run under test: its
+    arithmetic does not depend on what else the machine runs, and most of a tiny run's time is importing torch."""
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def tensor_digests(folder) -> dict:
     """sha256 of every saved tensor's bytes."""
     files = [f for f in folder.iterdir() if f.suffix == ".safetensors"]
@@ -63,18 +70,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(case, text_file, tmp_path):
+def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(case, cli, text_file, tmp_path):
     args = [*BASE, "-d", text_file, *CASES[case]]
-    ref = peftlab(*args, "-o", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
+    ref = peftlab(*args, "-o", tmp_path / "ref", wait=False)
     run = tmp_path / "run"
     # Killed (SIGKILL, from inside) after the step-3 tensors are written, before the rename.
     killed = peftlab(*args, "-o", run, "--checkpoint-every", 1, env={"PEFTLAB_FAULT": "checkpoint-write:3"})
     assert killed.returncode == -signal.SIGKILL
     assert not (run / "adapter").exists()
     assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000001", "step-00000002"]
-    again = peftlab(*args, "-o", run, "--checkpoint-every", 1)
-    assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is never silently restarted
+    code, _, err = cli(*args, "-o", run, "--checkpoint-every", 1)
+    assert code == 2 and "--resume" in err  # an unfinished run is never silently restarted
+    ref = finish(ref)
+    assert ref.returncode == 0, ref.stderr
     resumed = peftlab(*args, "-o", run, "--checkpoint-every", 1, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert tensor_digests(run / "adapter") == tensor_digests(tmp_path / "ref" / "adapter")
@@ -85,8 +93,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(case, te
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(text_file, tmp_path):
     args = [*BASE, "-d", text_file, "-s", "lora:r=8,targets=all-linear", "--steps", 40, "--seq-len", 64, "--batch-size", 8]
-    ref = peftlab(*args, "-o", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
+    ref = peftlab(*args, "-o", tmp_path / "ref", wait=False)
     at = random.randint(2, 30)
     run = tmp_path / "run"
     proc = peftlab(*args, "-o", run, "--checkpoint-every", 1, "--keep-checkpoints", 3, wait=False)
@@ -97,6 +104,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(text_file, tmp_pa
     assert len([p for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")]) <= 3
     resumed = peftlab(*args, "-o", run, "--checkpoint-every", 1, "--keep-checkpoints", 3, "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    ref = finish(ref)
+    assert ref.returncode == 0, ref.stderr
     assert tensor_digests(run / "adapter") == tensor_digests(tmp_path / "ref" / "adapter"), f"killed near step {at}"
     assert steps_logged(run) == list(range(41))
 
@@ -105,6 +114,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(text_file, tmp_pa
 def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(sig, code, text_file, tmp_path):
     args = [*BASE, "-d", text_file, "-s", "lora:r=8,targets=all-linear", "--steps", 40, "--seq-len", 64, "--batch-size", 8]
     run = tmp_path / "run"
+    ref = peftlab(*args, "-o", tmp_path / "ref", wait=False)
     proc = peftlab(*args, "-o", run, wait=False)  # no periodic checkpoints: the signal writes one
     wait_for_step(proc, run, 3)
     proc.send_signal(sig)
@@ -116,7 +126,7 @@ def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(sig, code, text_fil
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
     resumed = peftlab(*args, "-o", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    ref = peftlab(*args, "-o", tmp_path / "ref")
+    ref = finish(ref)
     assert ref.returncode == 0, ref.stderr
     assert tensor_digests(run / "adapter") == tensor_digests(tmp_path / "ref" / "adapter")
 
