@@ -19,7 +19,8 @@ def test_train_save_peft_load_merge_plain_transformers(cli, tmp_path):
 
     run = tmp_path / "run"
     code, out, err = cli("train", "-m", "smollm2-135m", "-d", "moby-dick", "-s", "lora:r=8,targets=q_proj+v_proj",
-                         "--steps", 5, "--seq-len", 64, "--batch-size", 2, "--lr", 1e-3, "--dtype", "auto", "-o", run, "--quiet")
+                         "--steps", 5, "--seq-len", 64, "--batch-size", 2, "--lr", 1e-3, "--dtype", "auto", "-o", run, "--quiet",
+                         "--eval-every", 5)  # held-out loss before and after: most of a short run's time is evaluation
     assert code == 0, err
     assert (run / "adapter" / "adapter_config.json").exists()
     assert "MB; the full model is 538.1 MB" in out
@@ -54,7 +55,8 @@ def test_tied_smollm2_keeps_its_trained_output_layer_through_save_load_and_merge
 
     run = tmp_path / "run"
     code, out, err = cli("train", "-m", "smollm2-135m", "-d", "moby-dick", "-s", "lora:r=4/modules:names=lm_head,tie=true",
-                         "--steps", 3, "--seq-len", 32, "--batch-size", 2, "--lr", 1e-3, "-o", run, "--quiet")
+                         "--steps", 3, "--seq-len", 32, "--batch-size", 2, "--lr", 1e-3, "-o", run, "--quiet",
+                         "--eval-every", 3)
     assert code == 0, err
     loaded = load_model("smollm2-135m")
     ids = torch.tensor([loaded.encode("Call me Ishmael. Some years ago")])
@@ -83,7 +85,7 @@ def test_inits_from_data_train_on_smollm2_and_peft_loads_them_on_the_original_ba
     from peftlab import load_model, run
     from peftlab.config import TrainConfig
 
-    r = run.load("smollm2-135m", "moby-dick", TrainConfig(steps=3, seq_len=64, batch_size=2, lr=1e-3), show=False)
+    r = run.load("smollm2-135m", "moby-dick", TrainConfig(steps=3, seq_len=64, batch_size=2, lr=1e-3, eval_every=3), show=False)
     run.prepare(r, f"lora:r=8,init={init},calibration_batches={32 if init == 'eva' else 4},eva_tau=0.9")
     run.fit(r, show=False)
     folder = run.save(r, tmp_path / "adapter", show=False)
